@@ -1,0 +1,65 @@
+"""One example <-> one ArrayRecord record (msgpack map).
+
+Fields: ``id`` (str), ``image`` (bytes), ``image_encoding`` ("raw" = HWC uint8 pixels with ``shape``;
+"png"/"jpeg" = an encoded file), ``labels`` (flat multi-hot, uint8 bytes), ``labels_hier`` (closed
+multi-hot, uint8 bytes), and optional text fields (``url``, ``page_title``, ``caption``).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import msgpack
+import numpy as np
+from PIL import Image
+
+from wikitopics_jax.errors import InputError
+
+TEXT_FIELDS = ("url", "page_title", "caption")
+
+
+def encode_example(*, example_id: str, image: np.ndarray | bytes, labels: np.ndarray,
+                   labels_hier: np.ndarray, image_encoding: str = "raw", **text: str) -> bytes:
+  record: dict[str, Any] = {"id": example_id, "image_encoding": image_encoding}
+  if image_encoding == "raw":
+    pixels = np.ascontiguousarray(image, dtype=np.uint8)
+    if pixels.ndim != 3:
+      raise ValueError(f"raw image of {example_id!r} must be HWC, got shape {pixels.shape}")
+    record["image"] = pixels.tobytes()
+    record["shape"] = list(pixels.shape)
+  elif image_encoding in ("png", "jpeg"):
+    if isinstance(image, np.ndarray):
+      buf = io.BytesIO()
+      Image.fromarray(image).save(buf, format=image_encoding.upper())
+      image = buf.getvalue()
+    record["image"] = bytes(image)
+  else:
+    raise ValueError(f"unknown image_encoding {image_encoding!r}")
+  record["labels"] = np.asarray(labels, np.uint8).tobytes()
+  record["labels_hier"] = np.asarray(labels_hier, np.uint8).tobytes()
+  for key, value in text.items():
+    if key not in TEXT_FIELDS:
+      raise ValueError(f"unknown text field {key!r}; valid: {TEXT_FIELDS}")
+    record[key] = str(value)
+  return msgpack.packb(record, use_bin_type=True)
+
+
+def decode_record(data: bytes, *, where: str = "record") -> dict[str, Any]:
+  """Bytes -> dict with ``image`` as HWC uint8 array and label arrays as uint8."""
+  try:
+    record = msgpack.unpackb(data, raw=False)
+    encoding = record["image_encoding"]
+    if encoding == "raw":
+      image = np.frombuffer(record["image"], np.uint8).reshape(record["shape"])
+    else:
+      image = np.asarray(Image.open(io.BytesIO(record["image"])).convert("RGB"))
+    return {
+        "id": record["id"],
+        "image": image,
+        "labels": np.frombuffer(record["labels"], np.uint8),
+        "labels_hier": np.frombuffer(record["labels_hier"], np.uint8),
+        **{k: record[k] for k in TEXT_FIELDS if k in record},
+    }
+  except (KeyError, ValueError, TypeError, OSError, msgpack.UnpackException) as e:
+    raise InputError(f"{where}: undecodable example ({type(e).__name__}: {e})") from None
