@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from wikitopics_jax.errors import InputError
@@ -32,3 +33,16 @@ class Registry:
 
   def __contains__(self, name: str) -> bool:
     return name in self._entries
+
+  def build(self, name: str, config_kwargs: Mapping[str, Any], *, key_prefix: str, **fixed: Any) -> Any:
+    """Calls entry `name` with keyword arguments from a config; unknown keys name `key_prefix.key`."""
+    fn = self.get(name)
+    params = inspect.signature(fn).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if not accepts_any:
+      unknown = sorted(set(config_kwargs) - (set(params) - set(fixed)))
+      if unknown:
+        valid = sorted(set(params) - set(fixed))
+        raise InputError(f"{key_prefix}.{unknown[0]}: not a parameter of {self.kind} {name!r} "
+                         f"(valid: {valid})")
+    return fn(**fixed, **dict(config_kwargs))

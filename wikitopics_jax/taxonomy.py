@@ -125,7 +125,7 @@ class Taxonomy:
     return closed.astype(y.dtype)
 
   def violations(self, y: np.ndarray) -> np.ndarray:
-    """Per example: how many labels are positive while an ancestor is not. y: (N, L) binary."""
+    """Per example: how many ancestors of its positive labels are missing. y: (N, L) binary."""
     y = np.asarray(y).astype(bool)
     return (self.close(y.astype(np.uint8)).astype(bool) & ~y).sum(axis=-1)
 

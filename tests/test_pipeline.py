@@ -1,0 +1,118 @@
+import jax
+import numpy as np
+import pytest
+
+from tests import datasets
+from wikitopics_jax import manifest as manifest_lib
+from wikitopics_jax import pipeline
+from wikitopics_jax import records
+from wikitopics_jax import sharding
+from wikitopics_jax.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("pipeline") / "data")
+  datasets.make_dataset(d, sizes={"train": 96, "val": 37}, image_size=16, shards=3)
+  return d
+
+
+def test_record_roundtrip_raw_and_png():
+  image = np.random.default_rng(0).integers(0, 256, (8, 6, 3)).astype(np.uint8)
+  labels = np.array([0, 1, 0], np.uint8)
+  for encoding in ("raw", "png"):
+    data = records.encode_example(example_id="x", image=image, labels=labels, labels_hier=labels,
+                                  image_encoding=encoding, url="http://u")
+    out = records.decode_record(data)
+    np.testing.assert_array_equal(out["image"], image)
+    np.testing.assert_array_equal(out["labels"], labels)
+    assert out["url"] == "http://u"
+  with pytest.raises(InputError, match="shard-3.array_record#7: undecodable"):
+    records.decode_record(b"\x00garbage", where="shard-3.array_record#7")
+
+
+def test_train_batches_shapes_dtypes_and_epoch_reshuffle(data_dir):
+  ds = pipeline.train_dataset(data_dir, "train", batch_size=16, seed=3, hierarchical=True)
+  it = iter(ds)
+  batches = [next(it) for _ in range(12)]  # two epochs of 6 batches
+  assert batches[0]["image"].shape == (16, 16, 16, 3) and batches[0]["image"].dtype == np.uint8
+  assert batches[0]["labels"].shape == (16, 31) and batches[0]["labels"].dtype == np.uint8
+  epoch1 = np.concatenate([b["image"].reshape(16, -1)[:, :8] for b in batches[:6]])
+  epoch2 = np.concatenate([b["image"].reshape(16, -1)[:, :8] for b in batches[6:]])
+  # Each epoch sees every example once, in a different order.
+  assert len({r.tobytes() for r in epoch1}) == 96
+  assert sorted(r.tobytes() for r in epoch1) == sorted(r.tobytes() for r in epoch2)
+  assert not np.array_equal(epoch1, epoch2)
+
+
+def test_hierarchical_switch(data_dir):
+  flat = next(iter(pipeline.train_dataset(data_dir, "train", batch_size=8, seed=0, hierarchical=False)))
+  hier = next(iter(pipeline.train_dataset(data_dir, "train", batch_size=8, seed=0, hierarchical=True)))
+  tax = manifest_lib.read(data_dir).taxonomy
+  np.testing.assert_array_equal(tax.close(flat["labels"]), hier["labels"])
+
+
+def test_iterator_state_resumes_at_the_same_batch(data_dir):
+  ds = pipeline.train_dataset(data_dir, "train", batch_size=8, seed=1, hierarchical=True)
+  it = iter(ds)
+  for _ in range(5):
+    next(it)
+  state = it.get_state()
+  expected = [next(it)["image"] for _ in range(3)]
+  it2 = iter(ds)
+  it2.set_state(state)
+  for e in expected:
+    np.testing.assert_array_equal(next(it2)["image"], e)
+
+
+def test_process_shares_are_disjoint_and_cover(data_dir):
+  ids = []
+  for index in range(2):
+    ds, n = pipeline.eval_dataset(data_dir, "val", batch_size=8, hierarchical=True,
+                                  share=pipeline.ProcessShare(index, 2))
+    batches = list(ds)
+    assert len(batches) == n == 3  # ceil(ceil(37 / 2) / 8): both processes yield the same count
+    ids.append([int(i) for b in batches for i, m in zip(b["index"], b["mask"]) if m])
+  assert not set(ids[0]) & set(ids[1])
+  assert sorted(ids[0] + ids[1]) == list(range(37))
+
+
+def test_eval_padding_and_order(data_dir):
+  ds, n = pipeline.eval_dataset(data_dir, "val", batch_size=16, hierarchical=False)
+  batches = list(ds)
+  assert n == len(batches) == 3
+  mask = np.concatenate([b["mask"] for b in batches])
+  assert mask.sum() == 37 and not mask[37:].any()
+  index = np.concatenate([b["index"] for b in batches])[:37]
+  np.testing.assert_array_equal(index, np.arange(37))
+  truth = datasets.read_split(data_dir, "val")
+  np.testing.assert_array_equal(batches[0]["labels"][3], truth[3]["labels"])
+
+
+def test_worker_processes_give_the_same_batches(data_dir):
+  plain = pipeline.train_dataset(data_dir, "train", batch_size=8, seed=2, hierarchical=True)
+  workers = pipeline.train_dataset(data_dir, "train", batch_size=8, seed=2, hierarchical=True,
+                                   worker_count=1)
+  a, b = iter(plain), iter(workers)
+  for _ in range(3):
+    np.testing.assert_array_equal(next(a)["image"], next(b)["image"])
+
+
+def test_global_batch_is_sharded_over_8_fake_devices(data_dir):
+  assert jax.device_count() == 8
+  mesh = sharding.make_mesh()
+  local = next(iter(pipeline.train_dataset(data_dir, "train", batch_size=16, seed=0, hierarchical=True)))
+  batch = sharding.global_batch(local, mesh)
+  assert batch["image"].shape == (16, 16, 16, 3)
+  assert len(batch["image"].addressable_shards) == 8
+  assert {s.data.shape for s in batch["image"].addressable_shards} == {(2, 16, 16, 3)}
+  np.testing.assert_array_equal(np.asarray(batch["labels"]), local["labels"])
+  with pytest.raises(InputError, match="config.batch_size=12 is not divisible by the 8 devices"):
+    sharding.per_process_batch_size(12, mesh)
+
+
+def test_missing_manifest_and_split_errors(tmp_path, data_dir):
+  with pytest.raises(InputError, match="no dataset manifest"):
+    pipeline.train_dataset(str(tmp_path), "train", batch_size=8, seed=0, hierarchical=True)
+  with pytest.raises(InputError, match="no split 'test'"):
+    pipeline.train_dataset(data_dir, "test", batch_size=8, seed=0, hierarchical=True)

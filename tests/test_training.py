@@ -1,0 +1,112 @@
+"""End-to-end training on a tiny dataset and a tiny model, on 8 fake CPU devices."""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score
+
+from tests import datasets
+from wikitopics_jax import checkpointing
+from wikitopics_jax import configlib
+from wikitopics_jax import evaluate_job
+from wikitopics_jax import trainer
+from wikitopics_jax.errors import InputError
+
+
+def tiny_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
+  c = configlib.base_config()
+  c.data.dir = data_dir
+  c.data.synthetic = None
+  c.model.name = "efficientnet_tiny"
+  c.model.head = "gap"
+  c.batch_size = 32
+  c.eval_batch_size = 32
+  c.num_epochs = 2
+  c.log_every_steps = 1
+  c.checkpoint.keep_latest = 1
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("train") / "data")
+  datasets.make_dataset(d, sizes={"train": 128, "val": 32, "threshold": 32, "test": 48}, image_size=32)
+  return d
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(l) for l in f]
+  return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_train_evaluate_checkpoint_and_resume(tmp_path, data_dir):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(data_dir, num_epochs=3)
+  result = trainer.train_and_evaluate(config, workdir)
+  losses = _losses(workdir)
+  assert len(losses) == 12  # 3 epochs x 4 steps
+  assert np.mean(losses[-3:]) < np.mean(losses[:3])
+  # Outputs: results, per-checkpoint eval, metrics, TensorBoard events, config.
+  assert os.path.exists(os.path.join(workdir, "results.json"))
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  best = json.load(open(os.path.join(workdir, "checkpoints", "best.json")))
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    val = [json.loads(l) for l in f if "val_loss" in l]
+  assert best["step"] == min(val, key=lambda r: r["val_loss"])["step"]
+  assert result["checkpoint_step"] == best["step"]
+
+  # The printed/JSON metrics equal scikit-learn on the model's own predictions (evaluate job).
+  again = evaluate_job.evaluate(workdir, checkpoint="best", split="test")
+  assert again["macro_ap"] == pytest.approx(result["macro_ap"], abs=1e-6)
+
+  # Exact resume: 2 epochs, then the same run extended to 3, equals 3 epochs straight.
+  resumed = str(tmp_path / "resumed")
+  trainer.train_and_evaluate(tiny_config(data_dir, num_epochs=2), resumed)
+  trainer.train_and_evaluate(tiny_config(data_dir, num_epochs=3), resumed)
+  a = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  b = checkpointing.Checkpointer(os.path.join(resumed, "checkpoints"), read_only=True)
+  assert a.latest_step() == b.latest_step() == 12
+  ra, rb = a.restore_arrays(12), b.restore_arrays(12)
+  assert ra.keys() == rb.keys()
+  for k in ra:
+    np.testing.assert_array_equal(np.asarray(ra[k]), np.asarray(rb[k]), err_msg=k)
+  assert _losses(resumed)[-4:] == _losses(workdir)[-4:]
+
+
+def test_metrics_in_results_match_sklearn(tmp_path, data_dir):
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(tiny_config(data_dir, num_epochs=1), workdir)
+  from wikitopics_jax import evaluation, steps, task as task_lib, manifest as manifest_lib, sharding
+  config = evaluate_job.load_workdir_config(workdir)
+  manifest = manifest_lib.read(data_dir)
+  task = task_lib.build(config, manifest, total_steps=4)
+  mesh = sharding.make_mesh()
+  placement = trainer.Placement(mesh, task.state)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  state = trainer.restore_state(ckpt, ckpt.best_step(), task, placement)
+  eval_step = steps.make_eval_step(task, state_sharding=placement.state, batch_sharding=placement.batch)
+  pred = evaluation.predict_split(eval_step, state, data_dir=data_dir, split="test", batch_size=32,
+                                  hierarchical=True, mesh=mesh)
+  truth = np.stack([r["labels_hier"] for r in datasets.read_split(data_dir, "test")])
+  np.testing.assert_array_equal(pred["labels"], truth)
+  present = truth.sum(0) > 0
+  expected = average_precision_score(truth[:, present], pred["probs"][:, present], average="macro")
+  result = json.load(open(os.path.join(workdir, "results.json")))
+  assert result["macro_ap"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_taxonomy_mismatch_and_bad_batch_are_clear_errors(tmp_path, data_dir):
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(tiny_config(data_dir, num_epochs=1), workdir)
+  other = str(tmp_path / "v14")
+  datasets.make_dataset(other, sizes={"train": 64, "val": 32, "test": 32}, taxonomy="v1.4")
+  with pytest.raises(InputError, match="checkpoint taxonomy 'v1.3' has labels"):
+    trainer.train_and_evaluate(tiny_config(other, num_epochs=2), workdir)
+  with pytest.raises(InputError, match="config.batch_size=36 is not divisible by the 8 devices"):
+    trainer.train_and_evaluate(tiny_config(data_dir, batch_size=36), str(tmp_path / "x"))

@@ -1,0 +1,47 @@
+"""The base config every experiment config starts from (configs/*.py call `base_config()`)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from wikitopics_jax import losses
+from wikitopics_jax import models
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dir = "data/synthetic-64px"
+  # When set, the embedded synthetic dataset is generated into data.dir first (reused if present);
+  # keys are the arguments of wikitopics_jax.synthetic.generate. None = data.dir must already exist.
+  c.data.synthetic = ml_collections.ConfigDict({"num_images": 20000, "image_size": 64, "seed": 0})
+  c.data.hierarchical = True          # train on closed (ancestor-added) labels, the thesis's default
+  c.data.train_split = "train"
+  c.data.val_split = "val"
+  c.data.threshold_split = "threshold"
+  c.data.test_split = "test"
+  c.data.worker_count = 0             # Grain worker processes (0 = in the training process)
+
+  c.model = models.default_model_config()
+  c.model.name = "efficientnet_b0"
+  c.model.head = "thesis"
+  # None = the dataset's image size (from its manifest); set it to check that they agree.
+  c.model.image_size = ml_collections.FieldReference(None, int)
+
+  c.loss = losses.default_config("bce")
+  c.optimizer = ml_collections.ConfigDict({"name": "adam", "learning_rate": 1e-3})
+  c.schedule = ml_collections.ConfigDict({"name": "constant"})
+
+  c.mesh = ml_collections.ConfigDict({"num_devices": ml_collections.FieldReference(None, int)})
+  c.batch_size = 512
+  c.eval_batch_size = 512
+  c.num_epochs = 15
+  c.num_train_steps = 0               # > 0 overrides num_epochs
+  c.eval_every_steps = 0              # 0 = once per epoch
+  c.log_every_steps = 50
+
+  c.checkpoint = ml_collections.ConfigDict(
+      {"keep_latest": 2, "best_metric": "val_loss", "best_mode": "min"})
+  return c

@@ -1,0 +1,494 @@
+"""Multilabel losses on logits, a registry of them, and the `Objective` the trainer builds from the config.
+
+Conventions (all losses):
+
+* Inputs are logits z (B, L) and labels y (B, L) in {0, 1} (soft labels work for the flat losses). Both are
+  cast to float32 first (bf16 logits included) and every log-probability is a log-sigmoid form:
+  log p = log_sigmoid(z), log(1 - p) = log_sigmoid(-z); never log of a clipped probability. Values and
+  gradients are finite at logits of +-100.
+* Reduction: the per-example loss is the MEAN over the L labels of the per-label loss (the Keras
+  `binary_crossentropy` convention the thesis code used; thesis eq. 2.1 writes a sum, a constant factor L
+  apart), and the batch loss is the mean over examples (thesis eq. 2.3). `get_per_example_loss` /
+  `Objective.per_example` return the (B,) vector for weighting and masking.
+
+Adding a loss: one factory function and one registration line::
+
+    @register("my_loss")
+    def my_loss(*, sharpness: float = 1.0) -> PerLabelFn:
+      sharpness = _number(sharpness, "sharpness", low=0.0)   # config errors name `loss.sharpness`
+      def per_label(z, y):                                  # float32 (B, L) -> (B, L)
+        return -(y * jax.nn.log_sigmoid(sharpness * z) + (1 - y) * jax.nn.log_sigmoid(-sharpness * z))
+      return per_label
+
+Its keyword-only parameters (with defaults) are its config keys (`--config.loss.name=my_loss
+--config.loss.sharpness=2`); `default_config()` picks them up. Parameters named `positives` /
+`num_examples` default to "auto" and are filled by `from_config` from the training split's manifest.
+A factory may return `LossFns` instead of a function to also define the prediction probabilities.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from ml_collections import config_dict
+
+from wikitopics_jax import hierarchy
+from wikitopics_jax import registry
+from wikitopics_jax.errors import InputError
+
+AUTO = "auto"
+# Class statistics that "auto" takes from the training split's manifest.
+STAT_PARAMS = ("positives", "num_examples")
+# Supplied by the trainer from the dataset manifest, never by the config.
+CONTEXT_PARAMS = ("ancestor_matrix",)
+
+PerLabelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+LOSSES = registry.Registry("loss")
+register = LOSSES.register
+
+
+def _sigmoid_probabilities(logits: jax.Array) -> jax.Array:
+  return jax.nn.sigmoid(logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossFns:
+  """What a loss factory may return when a plain per-label function is not enough.
+
+  per_label: float32 (B, L) logits and labels -> float32 (B, L) loss.
+  probabilities: float32 logits -> the probabilities to predict with (default: sigmoid).
+  hierarchical: the loss expects hierarchy-closed labels (`Taxonomy.close`).
+  """
+  per_label: PerLabelFn
+  probabilities: Callable[[jax.Array], jax.Array] = _sigmoid_probabilities
+  hierarchical: bool = False
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Objective:
+  """A configured loss: pure, vectorised, jit-able methods; hashable by identity (usable as a static arg)."""
+  name: str
+  params: Mapping[str, Any]
+  fns: LossFns
+
+  @property
+  def hierarchical(self) -> bool:
+    return self.fns.hierarchical
+
+  def per_label(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+    logits, labels = _as_float32(logits, labels)
+    return self.fns.per_label(logits, labels)
+
+  def per_example(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """(B,): mean over labels of the per-label loss."""
+    return jnp.mean(self.per_label(logits, labels), axis=-1)
+
+  def __call__(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Scalar: mean over the batch of `per_example` (thesis eq. 2.3)."""
+    return jnp.mean(self.per_example(logits, labels))
+
+  def probabilities(self, logits: jax.Array) -> jax.Array:
+    """Prediction probabilities, float32: sigmoid, or MCM(sigmoid) for `chmcnn`."""
+    return self.fns.probabilities(jnp.asarray(logits).astype(jnp.float32))
+
+
+def _as_float32(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  logits = jnp.asarray(logits)
+  labels = jnp.asarray(labels)
+  if logits.shape != labels.shape:
+    raise ValueError(f"logits {logits.shape} and labels {labels.shape} differ in shape")
+  return logits.astype(jnp.float32), labels.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public constructors.
+
+
+def build(name: str, **kwargs) -> Objective:
+  """The Objective of loss `name`; kwargs are its parameters (errors name them as `loss.<key>`)."""
+  factory = LOSSES.get(name)
+  params = _parameters(factory)
+  for key in kwargs:
+    if key not in params:
+      raise InputError(f"loss.{key} is not a parameter of loss {name!r}; its parameters: "
+                       f"{sorted(k for k in params if k not in CONTEXT_PARAMS)}")
+  for key, p in params.items():
+    if p.default is inspect.Parameter.empty and key not in kwargs:
+      source = " (the trainer passes it from the dataset manifest)" if key in CONTEXT_PARAMS else ""
+      raise InputError(f"loss {name!r} needs {key}{source}")
+  fns = factory(**kwargs)
+  if not isinstance(fns, LossFns):
+    fns = LossFns(per_label=fns)
+  shown = {k: v for k, v in kwargs.items() if k not in CONTEXT_PARAMS}
+  return Objective(name=name, params=shown, fns=fns)
+
+
+def get_loss(name: str, **kwargs) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """fn(logits, labels) -> scalar: batch mean of the per-example loss (itself the mean over labels)."""
+  return build(name, **kwargs).__call__
+
+
+def get_per_example_loss(name: str, **kwargs) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """fn(logits, labels) -> (B,) per-example loss (mean over labels), for weighting and masking."""
+  return build(name, **kwargs).per_example
+
+
+def from_config(loss_cfg: ml_collections.ConfigDict | Mapping[str, Any], *,
+                positives: np.ndarray | None, num_examples: int | None,
+                ancestor_matrix: np.ndarray) -> Objective:
+  """The trainer's entry point: `loss_cfg.name` picks the loss, its other keys are the parameters.
+
+  Args:
+    loss_cfg: e.g. `default_config()` after command-line overrides. Keys that belong to another registered
+      loss are ignored while they keep their default value (a shared config lists all losses' keys) and
+      are an error otherwise (`--config.loss.name=bce --config.loss.gamma=3` is a mistake).
+    positives: per-label positive counts of the training split (its manifest), used where a class
+      statistic is "auto"; give the hierarchical counts when training on closed labels.
+    num_examples: number of training examples, likewise.
+    ancestor_matrix: R of the dataset manifest's taxonomy; fixes L and feeds `chmcnn`.
+  """
+  cfg = loss_cfg.to_dict() if isinstance(loss_cfg, ml_collections.ConfigDict) else dict(loss_cfg)
+  name = cfg.pop("name", None)
+  if not name:
+    raise InputError(f"loss.name is missing; valid names: {LOSSES.names()}")
+  params = _parameters(LOSSES.get(name))
+  shared = _shared_defaults()
+  kwargs: dict[str, Any] = {}
+  for key, value in cfg.items():
+    if key in CONTEXT_PARAMS:
+      raise InputError(f"loss.{key} cannot be set in the config: it comes from the dataset manifest")
+    if key in params:
+      kwargs[key] = value
+    elif key not in shared:
+      raise InputError(f"loss.{key} is not a parameter of any loss; loss {name!r} takes "
+                       f"{sorted(k for k in params if k not in CONTEXT_PARAMS)}")
+    elif not _same_value(value, shared[key]):
+      owners = [n for n in LOSSES.names() if key in _parameters(LOSSES.get(n))]
+      own = sorted(k for k in params if k not in CONTEXT_PARAMS)
+      raise InputError(f"loss.{key}={value!r} is set, but loss {name!r} does not take it (it belongs to "
+                       f"{owners}); loss {name!r} takes {own}")
+  stats = {"positives": positives, "num_examples": num_examples}
+  for key in STAT_PARAMS:
+    # Left as "auto" when no statistics were given: the loss errors only if it really needs them.
+    if key in params and _is_auto(kwargs.get(key, params[key].default)) and stats[key] is not None:
+      kwargs[key] = stats[key]
+  if "ancestor_matrix" in params:
+    kwargs["ancestor_matrix"] = ancestor_matrix
+  objective = build(name, **kwargs)
+  # Tracing on abstract shapes runs every per-label shape check (list lengths vs L) now, not at step 1.
+  num_labels = np.shape(ancestor_matrix)[0]
+  dummy = jax.ShapeDtypeStruct((1, num_labels), jnp.float32)
+  jax.eval_shape(objective.per_example, dummy, dummy)
+  return objective
+
+
+def default_config(name: str = "bce") -> ml_collections.ConfigDict:
+  """`name` plus every registered loss's parameters with their defaults, so any of them can be overridden
+  on the command line. Not type-safe, so a config file may replace "auto" by a list; on the command line a
+  list is given as a string, e.g. `--config.loss.positives='[120, 7, 33]'`.
+  """
+  LOSSES.get(name)
+  cfg = ml_collections.ConfigDict({"name": name}, type_safe=False)
+  for key, default in sorted(_shared_defaults().items()):
+    # None means "off" (focal's alpha): a typed placeholder lets `--config.loss.alpha=0.25` parse.
+    cfg[key] = config_dict.placeholder(float) if default is None else default
+  return cfg
+
+
+def names() -> list[str]:
+  return LOSSES.names()
+
+
+def _parameters(factory: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+  return dict(inspect.signature(factory).parameters)
+
+
+def _shared_defaults() -> dict[str, Any]:
+  """Config key -> default over all registered losses; a key shared by two losses must share its default."""
+  defaults: dict[str, Any] = {}
+  for loss_name in LOSSES.names():
+    for key, p in _parameters(LOSSES.get(loss_name)).items():
+      if key in CONTEXT_PARAMS:
+        continue
+      if key in defaults and not _same_value(defaults[key], p.default):
+        raise ValueError(f"loss parameter {key!r} has different defaults in different losses")
+      defaults[key] = p.default
+  return defaults
+
+
+def _same_value(a: Any, b: Any) -> bool:
+  if isinstance(a, (str, type(None))) or isinstance(b, (str, type(None))):
+    return a == b
+  try:
+    return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+  except (TypeError, ValueError):
+    return False
+
+
+def _is_auto(value: Any) -> bool:
+  return isinstance(value, str) and value == AUTO
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameter parsing: every error names the config key.
+
+
+def _number(value: Any, key: str, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False) -> float:
+  if isinstance(value, bool):
+    raise InputError(f"loss.{key} must be a number, got {value!r}")
+  try:
+    x = float(value)
+  except (TypeError, ValueError):
+    raise InputError(f"loss.{key} must be a number, got {value!r}") from None
+  if not np.isfinite(x):
+    raise InputError(f"loss.{key} must be finite, got {value!r}")
+  if low is not None and (x < low or (low_open and x == low)):
+    raise InputError(f"loss.{key} must be {'>' if low_open else '>='} {low}, got {x}")
+  if high is not None and x > high:
+    raise InputError(f"loss.{key} must be <= {high}, got {x}")
+  return x
+
+
+def _vector(value: Any, key: str) -> np.ndarray:
+  """A per-label list: a sequence or array, or its string form from the command line ("[1, 2]", "1,2")."""
+  if _is_auto(value):
+    raise InputError(f"loss.{key}='auto' needs the training split's statistics: build the loss with "
+                     "losses.from_config(..., positives=..., num_examples=...) or give an explicit list")
+  if isinstance(value, str):
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      raise InputError(f"loss.{key} must be 'auto' or a list of numbers, got {value!r}") from None
+  try:
+    v = np.asarray(value, np.float64)
+  except (TypeError, ValueError):
+    raise InputError(f"loss.{key} must be a list of numbers, got {value!r}") from None
+  if v.ndim != 1 or v.size == 0:
+    raise InputError(f"loss.{key} must be a non-empty flat list of per-label numbers, got shape {v.shape}")
+  if not np.all(np.isfinite(v)) or np.any(v < 0):
+    raise InputError(f"loss.{key} must hold finite non-negative numbers")
+  return v
+
+
+def _class_stats(positives: Any, num_examples: Any) -> tuple[np.ndarray, float]:
+  pos = _vector(positives, "positives")
+  if _is_auto(num_examples):
+    _vector(num_examples, "num_examples")  # Raises the "auto needs statistics" error.
+  n = _number(num_examples, "num_examples", low=0, low_open=True)
+  if np.any(pos > n):
+    j = int(np.argmax(pos > n))
+    raise InputError(f"loss.positives[{j}] = {pos[j]:g} exceeds loss.num_examples = {n:g}")
+  return pos, n
+
+
+def _check_num_labels(z: jax.Array, vector: np.ndarray, key: str) -> None:
+  # Shapes are static, so this runs once at trace time.
+  if z.shape[-1] != vector.shape[0]:
+    raise InputError(f"loss.{key} has {vector.shape[0]} entries but the model has {z.shape[-1]} labels")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The losses. Each factory returns per_label(z, y) on float32 (B, L) arrays.
+
+
+@register("bce")
+def bce() -> PerLabelFn:
+  """Binary cross-entropy, thesis eq. 2.1: -[y log p + (1 - y) log(1 - p)]."""
+  def per_label(z, y):
+    return -(y * jax.nn.log_sigmoid(z) + (1.0 - y) * jax.nn.log_sigmoid(-z))
+  return per_label
+
+
+@register("focal")
+def focal(*, gamma: float = 2.0, alpha: float | None = None) -> PerLabelFn:
+  """Binary focal loss (Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017), thesis eq. 2.2:
+
+      -[a y (1 - p)^gamma log p + (1 - a)(1 - y) p^gamma log(1 - p)]
+
+  with a = alpha when given (Lin et al.'s alpha-balanced form; 0.25 with gamma 2 in the paper), and without
+  the a factors when alpha is None (the thesis: gamma = 2, no alpha). Modulating factors are computed as
+  exp(gamma * log_sigmoid(-+z)), so gamma = 0 gives BCE exactly.
+  """
+  gamma = _number(gamma, "gamma", low=0.0)
+  alpha = None if alpha is None else _number(alpha, "alpha", low=0.0, high=1.0)
+
+  def per_label(z, y):
+    log_p, log_q = jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
+    pos = jnp.exp(gamma * log_q) * log_p
+    neg = jnp.exp(gamma * log_p) * log_q
+    if alpha is not None:
+      pos, neg = alpha * pos, (1.0 - alpha) * neg
+    return -(y * pos + (1.0 - y) * neg)
+  return per_label
+
+
+@register("class_weighted_bce")
+def class_weighted_bce(*, class_weights: Any = AUTO, positives: Any = AUTO,
+                       num_examples: Any = AUTO) -> PerLabelFn:
+  """BCE with per-label weights, thesis eqs. 2.6-2.7: -w_j [y log p + (1 - y) log(1 - p)], where
+
+      w_j = N / (n_j * K)   (N training images, n_j images with label j, K labels)
+
+  i.e. inverse class frequency, 1 for a label present in 1/K of the images. A label with n_j = 0 is
+  counted as n_j = 1 (finite weight; no positive term of it occurs in that training split). Explicit
+  `class_weights` (a list of K numbers) override the formula; all ones gives BCE.
+  """
+  if _is_auto(class_weights):
+    pos, n = _class_stats(positives, num_examples)
+    weights = n / (np.maximum(pos, 1.0) * pos.size)
+  else:
+    weights = _vector(class_weights, "class_weights")
+  w = weights.astype(np.float32)
+
+  def per_label(z, y):
+    _check_num_labels(z, w, "class_weights" if not _is_auto(class_weights) else "positives")
+    return -w * (y * jax.nn.log_sigmoid(z) + (1.0 - y) * jax.nn.log_sigmoid(-z))
+  return per_label
+
+
+@register("pos_weighted_bce")
+def pos_weighted_bce(*, pos_weights: Any = AUTO, positives: Any = AUTO,
+                     num_examples: Any = AUTO) -> PerLabelFn:
+  """BCE with a weight on the positive term, thesis eqs. 2.8-2.9 (its "sample weights"):
+
+      -[alpha_j y log p + (1 - y) log(1 - p)],   alpha_j = negatives_j / positives_j = (N - n_j) / n_j
+
+  (PyTorch's `pos_weight`). n_j = 0 is counted as 1 (alpha_j = N, finite; no positive of label j occurs in
+  that split anyway). Explicit `pos_weights` (K numbers) override the formula; all ones gives BCE.
+  """
+  if _is_auto(pos_weights):
+    pos, n = _class_stats(positives, num_examples)
+    weights = (n - pos) / np.maximum(pos, 1.0)
+  else:
+    weights = _vector(pos_weights, "pos_weights")
+  a = weights.astype(np.float32)
+
+  def per_label(z, y):
+    _check_num_labels(z, a, "pos_weights" if not _is_auto(pos_weights) else "positives")
+    return -(a * y * jax.nn.log_sigmoid(z) + (1.0 - y) * jax.nn.log_sigmoid(-z))
+  return per_label
+
+
+@register("asl")
+def asl(*, gamma_neg: float = 4.0, gamma_pos: float = 1.0, clip: float = 0.05) -> PerLabelFn:
+  """Asymmetric loss (Ridnik et al., "Asymmetric Loss For Multi-Label Classification", ICCV 2021):
+
+      L+ = (1 - p)^gamma_pos log p,   L- = p_m^gamma_neg log(1 - p_m),   p_m = max(p - clip, 0)
+      loss = -[y L+ + (1 - y) L-]
+
+  Paper defaults gamma_neg = 4, gamma_pos = 1 (0 in some of its experiments), clip (m) = 0.05. With both
+  gammas 0 and clip 0 it is BCE. Stable forms: log p = log_sigmoid(z); for clip > 0,
+  1 - p_m = min(sigmoid(-z) + clip, 1) >= clip, whose log is finite; for clip = 0, log_sigmoid(-z).
+  The focusing weights are differentiated (the paper's loss; the authors' code can optionally stop their
+  gradient).
+  """
+  gamma_neg = _number(gamma_neg, "gamma_neg", low=0.0)
+  gamma_pos = _number(gamma_pos, "gamma_pos", low=0.0)
+  clip = _number(clip, "clip", low=0.0, high=1.0)
+
+  def per_label(z, y):
+    log_p, log_q = jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
+    pos = jnp.exp(gamma_pos * log_q) * log_p
+    if clip > 0:
+      log_q_shifted = jnp.log(jnp.minimum(jnp.exp(log_q) + clip, 1.0))
+      p_shifted = jnp.maximum(jax.nn.sigmoid(z) - clip, 0.0)
+      if gamma_neg > 0:
+        # p_m^gamma is 0 where p_m = 0; keep log(0) out of the graph so gradients stay finite.
+        nonzero = p_shifted > 0
+        safe_log = jnp.log(jnp.where(nonzero, p_shifted, 1.0))
+        neg_weight = jnp.where(nonzero, jnp.exp(gamma_neg * safe_log), 0.0)
+      else:
+        neg_weight = 1.0
+    else:
+      log_q_shifted = log_q
+      neg_weight = jnp.exp(gamma_neg * log_p)
+    neg = neg_weight * log_q_shifted
+    return -(y * pos + (1.0 - y) * neg)
+  return per_label
+
+
+@register("distribution_balanced")
+def distribution_balanced(*, positives: Any = AUTO, num_examples: Any = AUTO, db_alpha: float = 0.1,
+                          db_beta: float = 10.0, db_mu: float = 0.3, db_lambda: float = 5.0,
+                          db_kappa: float = 0.05) -> PerLabelFn:
+  """Distribution-Balanced loss (Wu et al., "Distribution-Balanced Loss for Multi-Label Classification in
+  Long-Tailed Datasets", ECCV 2020), section 3, with n_i = positives of label i, N = num_examples, C labels:
+
+  Re-balanced weighting (eqs. 3-5), for instance k::
+
+      P^C_i = (1/C) (1/n_i),   P^I(x^k) = (1/C) sum_{j: y^k_j = 1} 1/n_j,   r^k_i = P^C_i / P^I(x^k)
+      r_hat^k_i = db_alpha + sigmoid(db_beta * (r^k_i - db_mu))
+
+  P^I is the SUM over the instance's positive labels (the chance class-aware sampling picks x^k), as in
+  the paper and the authors' code. An instance with no positive label has P^I = 0, r = inf, so
+  r_hat = db_alpha + 1 (the limit). The weight multiplies positive and negative terms alike.
+
+  Negative-tolerant regularisation (eqs. 6-8), lambda = db_lambda, kappa = db_kappa::
+
+      nu_i = kappa * b_i,   b_i = -log(1/p_i - 1),   p_i = n_i / N   (class prior; the bias init)
+      loss_i = r_hat_i [ y_i log(1 + e^{-(z_i - nu_i)})
+                         + (1/lambda) (1 - y_i) log(1 + e^{lambda (z_i - nu_i)}) ]
+
+  computed as -log_sigmoid(z - nu) and -log_sigmoid(-lambda (z - nu)) / lambda. n_i is clipped to
+  [1, N - 1] so p_i is in (0, 1). Defaults: alpha 0.1, beta 10, mu 0.3, lambda 5, kappa 0.05 (the
+  authors' VOC-MLT setting; COCO-MLT used mu 0.2, lambda 2). The paper's best variant also multiplies in
+  a focal term; that is not included. Predictions use sigmoid(z), without the nu shift.
+  """
+  pos, n = _class_stats(positives, num_examples)
+  if n < 2:
+    raise InputError(f"loss.num_examples must be >= 2 for distribution_balanced, got {n:g}")
+  alpha = _number(db_alpha, "db_alpha", low=0.0)
+  beta = _number(db_beta, "db_beta", low=0.0)
+  mu = _number(db_mu, "db_mu")
+  lam = _number(db_lambda, "db_lambda", low=0.0, low_open=True)
+  kappa = _number(db_kappa, "db_kappa", low=0.0)
+  counts = np.clip(pos, 1.0, n - 1.0)
+  freq_inv = (1.0 / counts).astype(np.float32)
+  nu = (-kappa * np.log(n / counts - 1.0)).astype(np.float32)
+
+  def per_label(z, y):
+    _check_num_labels(z, freq_inv, "positives")
+    # The common 1/C of P^C and P^I cancels.
+    instance_rate = jnp.sum(y * freq_inv, axis=-1, keepdims=True)
+    has_positive = instance_rate > 0
+    r = freq_inv / jnp.where(has_positive, instance_rate, 1.0)
+    r_hat = jnp.where(has_positive, alpha + jax.nn.sigmoid(beta * (r - mu)), alpha + 1.0)
+    shifted = z - nu
+    pos_term = -jax.nn.log_sigmoid(shifted)
+    neg_term = -jax.nn.log_sigmoid(-lam * shifted) / lam
+    return r_hat * (y * pos_term + (1.0 - y) * neg_term)
+  return per_label
+
+
+@register("chmcnn")
+def chmcnn(*, ancestor_matrix: np.ndarray) -> LossFns:
+  """C-HMCNN (Giunchiglia & Lukasiewicz, "Coherent Hierarchical Multi-Label Classification Networks",
+  NeurIPS 2020): trains with MCLoss, predicts with the max-constraint module MCM(sigmoid(z)).
+
+  MCLoss is the one loss the paper defines on probabilities: BCE(y * MCM(y * h) + (1 - y) * MCM(h), y)
+  with h = sigmoid(z). It is computed in the exact log-space form sigmoid(max z) = max sigmoid(z)
+  (see `hierarchy`), so it is finite and stable like the others. Labels must be binary and
+  hierarchy-closed. R comes from the dataset manifest's taxonomy (`Taxonomy.ancestor_matrix`).
+  """
+  index = hierarchy.descendant_index(ancestor_matrix)
+
+  def per_label(z, y):
+    if z.shape[-1] != index.num_labels:
+      raise InputError(f"chmcnn: the model has {z.shape[-1]} labels but the taxonomy's R has "
+                       f"{index.num_labels}")
+    return hierarchy.mcloss_per_label(z, y, index)
+
+  def probabilities(z):
+    return jax.nn.sigmoid(hierarchy.max_constraint(z, index))
+
+  return LossFns(per_label=per_label, probabilities=probabilities, hierarchical=True)

@@ -1,0 +1,148 @@
+"""Models by name: `create_model(model_cfg, num_labels=..., rngs=...)`.
+
+model_cfg keys (all present in `default_model_config()`):
+  name               a registered model: efficientnet_b0..b7, efficientnet_lite0..lite4,
+                     efficientnet_tiny (for tests).
+  head               "thesis": Flatten -> Dense(128, relu) -> Dense(num_labels), the thesis's head
+                     (its Flatten size depends on image_size);
+                     "gap": global average pool -> dropout -> Dense(num_labels);
+                     "imagenet": "gap" with 1000 classes (num_labels must be 1000), for pretrained checks.
+  image_size         input height = width; only the "thesis" head uses it (and checks it at call time).
+  dropout_rate       dropout before the pooled heads' Dense; None = the variant's (0.2 for B0 ... 0.5
+                     for B7). The thesis head has no dropout.
+  drop_connect_rate  stochastic depth rate of the last block (block b gets rate * b / num_blocks);
+                     None = 0.2.
+  dtype              compute dtype, "float32" or "bfloat16". Params and BatchNorm statistics are
+                     float32 always; logits are float32.
+  depthwise_impl     "auto" (shifted on CPU, native elsewhere), "native" or "shifted"
+                     (see `depthwise.py`).
+  width_multiplier   when not None, overrides the variant's width (e.g. a reduced B0 for demos).
+  depth_multiplier   when not None, overrides the variant's depth.
+
+Inputs are NHWC float32 images scaled to [0, 1] then normalised with ImageNet's mean/std
+(`IMAGENET_MEAN`, `IMAGENET_STD`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from wikitopics_jax.errors import InputError
+from wikitopics_jax.models import depthwise
+from wikitopics_jax.models.efficientnet import (
+    DEFAULT_DROP_CONNECT_RATE,
+    HEADS,
+    IMAGENET_CLASSES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    VARIANTS,
+    EfficientNet,
+    Layer,
+    build_architecture,
+    initialise,
+    last_layers_filter,
+    layer_groups,
+)
+from wikitopics_jax.registry import Registry
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "MODELS", "EfficientNet", "Layer", "count_parameters",
+    "create_model", "default_model_config", "last_layers_filter", "layer_groups",
+]
+
+MODELS = Registry("model")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+  """Every model key with its default: the thesis model (B2, thesis head, 64x64)."""
+  return ml_collections.ConfigDict({
+      "name": "efficientnet_b2",
+      "head": "thesis",
+      "image_size": 64,
+      "dropout_rate": None,
+      "drop_connect_rate": None,
+      "dtype": "float32",
+      "depthwise_impl": "auto",
+      "width_multiplier": None,
+      "depth_multiplier": None,
+  })
+
+
+def _build_efficientnet(variant_name: str, cfg: ml_collections.ConfigDict, *, num_labels: int,
+                        rngs: nnx.Rngs) -> EfficientNet:
+  variant = VARIANTS[variant_name]
+  drop_connect = DEFAULT_DROP_CONNECT_RATE if cfg.drop_connect_rate is None else cfg.drop_connect_rate
+  architecture = build_architecture(variant, width=cfg.width_multiplier,
+                                    depth=cfg.depth_multiplier, drop_connect_rate=drop_connect)
+  dropout = variant.dropout if cfg.dropout_rate is None else cfg.dropout_rate
+  return initialise(
+      lambda init_rngs: EfficientNet(
+          architecture, head=cfg.head, num_labels=num_labels, dropout_rate=dropout,
+          image_size=cfg.image_size, dtype=_DTYPES[cfg.dtype], depthwise_impl=cfg.depthwise_impl,
+          rngs=init_rngs),
+      rngs)
+
+
+for _name in VARIANTS:
+  MODELS.register(_name)(functools.partial(_build_efficientnet, _name))
+
+
+def _checked(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """model_cfg over the defaults, with every key and value validated (errors name `model.<key>`)."""
+  cfg = default_model_config()
+  unknown = sorted(set(model_cfg.keys()) - set(cfg.keys()))
+  if unknown:
+    raise InputError(f"unknown config key model.{unknown[0]}; valid keys: {sorted(cfg.keys())}")
+  for key, value in model_cfg.items():
+    try:
+      cfg[key] = value  # ConfigDict is typed by its defaults; None-valued keys accept any type.
+    except TypeError as e:
+      raise InputError(f"model.{key}={value!r}: {e}") from None
+
+  def fail(key: str, why: str):
+    raise InputError(f"model.{key}={cfg[key]!r}: {why}")
+
+  MODELS.get(cfg.name)  # Lists the valid names on a miss.
+  if cfg.head not in HEADS:
+    fail("head", f"must be one of {list(HEADS)}")
+  if cfg.dtype not in _DTYPES:
+    fail("dtype", f"must be one of {list(_DTYPES)}")
+  if cfg.depthwise_impl not in depthwise.IMPLS:
+    fail("depthwise_impl", f"must be one of {list(depthwise.IMPLS)}")
+  for key in ("dropout_rate", "drop_connect_rate"):
+    if cfg[key] is not None and not (isinstance(cfg[key], (int, float)) and 0 <= cfg[key] < 1):
+      fail(key, "must be None or in [0, 1)")
+  for key in ("width_multiplier", "depth_multiplier"):
+    if cfg[key] is not None and not (isinstance(cfg[key], (int, float)) and cfg[key] > 0):
+      fail(key, "must be None or a positive number")
+  if cfg.head == "thesis" and not (isinstance(cfg.image_size, int) and cfg.image_size > 0):
+    fail("image_size", "the 'thesis' head needs the input size (a positive int)")
+  return cfg
+
+
+def create_model(model_cfg: ml_collections.ConfigDict, *, num_labels: int,
+                 rngs: nnx.Rngs) -> nnx.Module:
+  """Builds the model named by model_cfg.name (see the module docstring for the keys).
+
+  `rngs` needs a 'params' stream (or 'default') for initialisation and a 'dropout' stream (or
+  'default') for dropout and stochastic depth; the latter is forked into the model.
+  """
+  cfg = _checked(model_cfg)
+  if cfg.head == "imagenet" and num_labels != IMAGENET_CLASSES:
+    raise InputError(f"model.head='imagenet' has {IMAGENET_CLASSES} classes, "
+                     f"but num_labels={num_labels}")
+  if num_labels < 1:
+    raise InputError(f"num_labels must be positive, got {num_labels}")
+  return MODELS.get(cfg.name)(cfg, num_labels=num_labels, rngs=rngs)
+
+
+def count_parameters(model: nnx.Module, wrt=nnx.Param) -> int:
+  """Number of scalars in the model's variables of kind `wrt` (works on abstract models too)."""
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, wrt)))

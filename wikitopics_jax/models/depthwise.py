@@ -1,0 +1,218 @@
+"""Depthwise 2-D convolution in two numerically equivalent formulations.
+
+* "native": `lax.conv_general_dilated(..., feature_group_count=C)`. Fast on GPU/TPU.
+* "shifted": k*k shifted (strided) slices of the padded input, each multiplied by its per-channel
+  kernel tap and summed, with a `jax.custom_vjp` whose backward pass is written the same way. XLA's
+  CPU backend runs grouped convolutions 8-40x slower than this (see stack_notes.md).
+
+`impl="auto"` picks "shifted" when `jax.default_backend() == "cpu"` and "native" otherwise.
+
+Padding is TF/Keras 'SAME' (`tf_same_padding`): for stride 2 TF pads asymmetrically, with the extra
+row/column at the bottom/right. This equals `lax.padtype_to_pads(..., "SAME")`; tests check both
+against a literal implementation of TF's formula.
+
+Kernels have the layout of `nnx.Conv(C, C, k, feature_group_count=C)`: (k, k, 1, C).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+IMPLS = ("auto", "native", "shifted")
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+def tf_same_padding(in_size: int, kernel_size: int, stride: int) -> tuple[int, int]:
+  """(before, after) padding of TF's 'SAME' for one spatial dimension."""
+  out_size = math.ceil(in_size / stride)
+  pad_total = max((out_size - 1) * stride + kernel_size - in_size, 0)
+  return pad_total // 2, pad_total - pad_total // 2
+
+
+def same_padding_2d(spatial: Sequence[int], kernel_size: int, stride: int) -> Padding:
+  height, width = spatial
+  return (tf_same_padding(height, kernel_size, stride), tf_same_padding(width, kernel_size, stride))
+
+
+def resolve_impl(impl: str) -> str:
+  if impl not in IMPLS:
+    raise ValueError(f"depthwise impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "shifted" if jax.default_backend() == "cpu" else "native"
+  return impl
+
+
+def _output_size(padded: int, kernel_size: int, stride: int) -> int:
+  return (padded - kernel_size) // stride + 1
+
+
+def _accumulation_dtype(dtype) -> jnp.dtype:
+  # bf16 products summed in bf16 would lose precision; the native conv accumulates in f32 too.
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _tap(padded: jax.Array, row: int, col: int, out_hw: tuple[int, int], stride: int) -> jax.Array:
+  """The input pixels that kernel tap (row, col) meets, one per output position."""
+  batch, _, _, channels = padded.shape
+  out_h, out_w = out_hw
+  return lax.slice(
+      padded,
+      (0, row, col, 0),
+      (batch, row + (out_h - 1) * stride + 1, col + (out_w - 1) * stride + 1, channels),
+      (1, stride, stride, 1),
+  )
+
+
+def _shifted_forward(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
+  """Depthwise conv as shifted multiply-adds. x: (B, H, W, C), kernel: (k, k, C)."""
+  k = kernel.shape[0]
+  acc_dtype = _accumulation_dtype(x.dtype)
+  padded = jnp.pad(x.astype(acc_dtype), ((0, 0), padding[0], padding[1], (0, 0)))
+  out_hw = (_output_size(padded.shape[1], k, stride), _output_size(padded.shape[2], k, stride))
+  taps = kernel.astype(acc_dtype)
+  out = None
+  for row in range(k):
+    for col in range(k):
+      term = _tap(padded, row, col, out_hw, stride) * taps[row, col]
+      out = term if out is None else out + term
+  return out.astype(x.dtype)
+
+
+def _input_grad(grad_out: jax.Array, kernel: jax.Array, x_shape, stride: int,
+                padding: Padding) -> jax.Array:
+  """Correlation of the (zero-interleaved for stride > 1) output gradient with the flipped kernel.
+
+  dx[p] = sum_t g_pad[p + t] * kernel[k - 1 - t], where g_pad is the output gradient with stride - 1
+  zeros between entries and padded (or cropped, for negative amounts) so that index p + t of g_pad
+  is output position (p + before - (k - 1 - t)) / stride.
+  """
+  k = kernel.shape[0]
+  _, height, width, _ = x_shape
+  acc_dtype = _accumulation_dtype(grad_out.dtype)
+  g = grad_out.astype(acc_dtype)
+  config = [(0, 0, 0)]
+  for axis, size in ((1, height), (2, width)):
+    before = padding[axis - 1][0]
+    dilated = (g.shape[axis] - 1) * stride + 1
+    low = k - 1 - before
+    high = size + k - 1 - low - dilated
+    config.append((low, high, stride - 1))
+  config.append((0, 0, 0))
+  g_pad = lax.pad(g, jnp.zeros((), acc_dtype), config)
+  taps = kernel.astype(acc_dtype)
+  dx = None
+  for row in range(k):
+    for col in range(k):
+      term = _tap(g_pad, row, col, (height, width), 1) * taps[k - 1 - row, k - 1 - col]
+      dx = term if dx is None else dx + term
+  return dx
+
+
+def _kernel_grad(x: jax.Array, grad_out: jax.Array, kernel_size: int, stride: int,
+                 padding: Padding) -> jax.Array:
+  """Per tap: sum over batch and space of the shifted input times the output gradient."""
+  acc_dtype = _accumulation_dtype(x.dtype)
+  padded = jnp.pad(x.astype(acc_dtype), ((0, 0), padding[0], padding[1], (0, 0)))
+  g = grad_out.astype(acc_dtype)
+  out_hw = g.shape[1:3]
+  rows = []
+  for row in range(kernel_size):
+    cols = [jnp.sum(_tap(padded, row, col, out_hw, stride) * g, axis=(0, 1, 2))
+            for col in range(kernel_size)]
+    rows.append(jnp.stack(cols))
+  return jnp.stack(rows)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_conv_shifted(x: jax.Array, kernel: jax.Array, stride: int,
+                           padding: Padding) -> jax.Array:
+  """Depthwise conv, x: (B, H, W, C), kernel: (k, k, C), explicit padding ((t, b), (l, r))."""
+  return _shifted_forward(x, kernel, stride, padding)
+
+
+def _shifted_fwd(x, kernel, stride, padding):
+  return _shifted_forward(x, kernel, stride, padding), (x, kernel)
+
+
+def _shifted_bwd(stride, padding, residuals, grad_out):
+  x, kernel = residuals
+  dx = _input_grad(grad_out, kernel, x.shape, stride, padding)
+  dkernel = _kernel_grad(x, grad_out, kernel.shape[0], stride, padding)
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+depthwise_conv_shifted.defvjp(_shifted_fwd, _shifted_bwd)
+
+
+def depthwise_conv_native(x: jax.Array, kernel: jax.Array, stride: int,
+                          padding: Padding) -> jax.Array:
+  """Same contract as `depthwise_conv_shifted`, via a grouped convolution."""
+  k, _, channels = kernel.shape
+  return lax.conv_general_dilated(
+      x,
+      kernel.reshape(k, k, 1, channels),
+      window_strides=(stride, stride),
+      padding=padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=channels,
+  )
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1,
+                   padding: str | Padding = "SAME", impl: str = "auto") -> jax.Array:
+  """Depthwise conv of x (B, H, W, C) with kernel (k, k, C) or (k, k, 1, C).
+
+  Args:
+    x: NHWC input.
+    kernel: one k x k filter per channel.
+    stride: the same stride along height and width.
+    padding: "SAME" (TF semantics), "VALID" or explicit ((top, bottom), (left, right)).
+    impl: "auto", "native" or "shifted" (see the module docstring).
+
+  Returns:
+    (B, ceil(H / stride), ceil(W / stride), C) for "SAME", in x's dtype.
+  """
+  if kernel.ndim == 4:
+    kernel = kernel.reshape(kernel.shape[0], kernel.shape[1], kernel.shape[3])
+  k = kernel.shape[0]
+  if kernel.shape[1] != k or kernel.shape[2] != x.shape[-1]:
+    raise ValueError(f"kernel {kernel.shape} does not fit a square depthwise conv of {x.shape}")
+  if padding == "SAME":
+    padding = same_padding_2d(x.shape[1:3], k, stride)
+  elif padding == "VALID":
+    padding = ((0, 0), (0, 0))
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if resolve_impl(impl) == "shifted":
+    return depthwise_conv_shifted(x, kernel, stride, padding)
+  return depthwise_conv_native(x, kernel, stride, padding)
+
+
+class DepthwiseConv(nnx.Module):
+  """Depthwise conv layer without bias, TF 'SAME' padding, kernel param (k, k, 1, C)."""
+
+  def __init__(self, channels: int, kernel_size: int, *, stride: int = 1, impl: str = "auto",
+               dtype=None, param_dtype=jnp.float32,
+               kernel_init=jax.nn.initializers.lecun_normal(in_axis=-1, out_axis=-2),
+               kernel_metadata=None, rngs: nnx.Rngs):
+    resolve_impl(impl)  # Fail early on a bad name.
+    shape = (kernel_size, kernel_size, 1, channels)
+    self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype),
+                            **(kernel_metadata or {}))
+    self.kernel_size = kernel_size
+    self.stride = stride
+    self.impl = impl
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel[...]
+    if self.dtype is not None:
+      x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    return depthwise_conv(x, kernel, stride=self.stride, padding="SAME", impl=self.impl)

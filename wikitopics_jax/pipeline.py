@@ -1,0 +1,118 @@
+"""Grain input pipelines over a dataset directory of ArrayRecord shards.
+
+Train: source -> this process's share (every `process_count`-th record) -> shuffle (reshuffled every
+epoch) -> repeat -> decode -> batch -> optional worker processes. Batches straddle epoch boundaries, so
+no example is dropped; an "epoch" is `num_examples // global_batch_size` steps.
+
+Eval: this process's share -> decode -> batches padded to a fixed size with a `mask`, and every process
+yields the same number of batches, so a global batch can always be assembled across hosts.
+
+Images stay uint8 until the device (4x less host->device traffic); normalisation happens in the jitted
+step (`normalize_images`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import grain
+import jax.numpy as jnp
+import numpy as np
+
+from wikitopics_jax import manifest as manifest_lib
+from wikitopics_jax import records
+
+# ImageNet statistics: keeps inputs in the range pretrained EfficientNets expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images_uint8: jnp.ndarray) -> jnp.ndarray:
+  x = images_uint8.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+
+
+class DecodeExample(grain.transforms.Map):
+  """Record bytes -> {"image": HWC uint8, "labels": (L,) uint8}."""
+
+  def __init__(self, *, hierarchical: bool, source_name: str, image_shape: tuple[int, int, int]):
+    self.label_key = "labels_hier" if hierarchical else "labels"
+    self.source_name = source_name
+    self.image_shape = tuple(image_shape)
+
+  def map(self, record: bytes) -> dict[str, np.ndarray]:
+    example = records.decode_record(record, where=self.source_name)
+    image = example["image"]
+    if image.shape != self.image_shape:
+      raise ValueError(f"{self.source_name}: example {example['id']!r} has image shape {image.shape}, "
+                       f"manifest says {self.image_shape}")
+    return {"image": image, "labels": example[self.label_key]}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessShare:
+  """Which records this process reads: every `count`-th, starting at `index`."""
+  index: int = 0
+  count: int = 1
+
+
+def _split_dataset(data_dir: str, split: str, share: ProcessShare):
+  manifest = manifest_lib.read(data_dir)
+  info = manifest.split(split, where=data_dir)
+  source = grain.sources.ArrayRecordDataSource(manifest_lib.split_paths(data_dir, info))
+  if len(source) != info.num_examples:
+    raise ValueError(f"{data_dir}: split {split!r} has {len(source)} records, manifest says "
+                     f"{info.num_examples}")
+  ds = grain.MapDataset.source(source)
+  if share.count > 1:
+    ds = ds[share.index::share.count]
+  return manifest, ds
+
+
+def _maybe_prefetch(ds: grain.IterDataset, worker_count: int) -> grain.IterDataset:
+  if worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return ds
+
+
+def train_dataset(data_dir: str, split: str, *, batch_size: int, seed: int, hierarchical: bool,
+                  share: ProcessShare = ProcessShare(), worker_count: int = 0) -> grain.IterDataset:
+  """Infinite iterator of per-process batches; `get_state()`/`set_state()` resume exactly."""
+  manifest, ds = _split_dataset(data_dir, split, share)
+  if len(ds) < batch_size:
+    raise ValueError(f"{data_dir}: split {split!r} has {len(ds)} examples for this process, fewer "
+                     f"than its batch of {batch_size}")
+  decode = DecodeExample(hierarchical=hierarchical, source_name=f"{data_dir}:{split}",
+                         image_shape=manifest.image_shape)
+  ds = ds.shuffle(seed=seed).repeat(None).map(decode).batch(batch_size, drop_remainder=True)
+  return _maybe_prefetch(ds.to_iter_dataset(), worker_count)
+
+
+def eval_dataset(data_dir: str, split: str, *, batch_size: int, hierarchical: bool,
+                 share: ProcessShare = ProcessShare(), worker_count: int = 0
+                 ) -> tuple[grain.IterDataset, int]:
+  """One pass, in order, padded batches with `mask`; returns (dataset, number of batches)."""
+  manifest, ds = _split_dataset(data_dir, split, share)
+  total = manifest.split(split).num_examples
+  # Every process yields the same number of batches, sized by the largest share.
+  per_process_max = math.ceil(total / share.count)
+  num_batches = max(1, math.ceil(per_process_max / batch_size))
+  padded_length = num_batches * batch_size
+  decode = DecodeExample(hierarchical=hierarchical, source_name=f"{data_dir}:{split}",
+                         image_shape=manifest.image_shape)
+  ds = ds.map(decode)
+  real_length = len(ds)
+  h, w, c = manifest.image_shape
+  num_labels = manifest.taxonomy.num_labels
+
+  def pad(index: int) -> dict[str, Any]:
+    if index < real_length:
+      example = ds[index]
+      return {**example, "mask": np.bool_(True), "index": np.int64(index * share.count + share.index)}
+    return {"image": np.zeros((h, w, c), np.uint8), "labels": np.zeros(num_labels, np.uint8),
+            "mask": np.bool_(False), "index": np.int64(-1)}
+
+  padded = grain.MapDataset.range(padded_length).map(pad).batch(batch_size, drop_remainder=True)
+  return _maybe_prefetch(padded.to_iter_dataset(), worker_count), num_batches
