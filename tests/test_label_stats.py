@@ -186,7 +186,8 @@ def test_plots_write_png_files(tmp_path):
   names = stats["label_names"]
   paths = [
       label_stats.plot_label_distribution(stats["label_counts"], names, tmp_path / "dist.png"),
-      label_stats.plot_label_distribution(stats["label_counts"], names, tmp_path / "lin.png", log_scale=False),
+      label_stats.plot_label_distribution(stats["label_counts"], names, tmp_path / "linear.png",
+                                          log_scale=False),
       label_stats.plot_imbalance_ratios(stats["irlbl"], [1.0, 1.2, 1.5, None], names,
                                         tmp_path / "sub" / "ir.png"),
       label_stats.plot_cooccurrence(stats["cooccurrence"], names, tmp_path / "co.png"),

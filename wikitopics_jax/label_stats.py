@@ -122,7 +122,7 @@ def irlbl_vector(counts: Any) -> np.ndarray:
 
 
 def mean_ir(y: Any) -> float:
-  """meanIR of a label matrix as mldr computes it (labels without positives count as IRLbl 0)."""
+  """meanIR as mldr computes it (labels without positives count as IRLbl 0); NaN without any positive."""
   return float(np.mean(irlbl_vector(as_label_matrix(y).sum(axis=0))))
 
 
@@ -209,9 +209,11 @@ def compute(y: Any, label_names: Sequence[str]) -> dict[str, Any]:
     rows = sets[:, j]
     label_mean = float(np.dot(weights[rows], scumble[rows])) / counts[j]
     stats["label_scumble"][j] = label_mean
-    if counts[j] > 1:
-      stats["label_scumble_cv"][j] = (
-          0.0 if label_mean == 0 else _json_float(_weighted_sample_sd(scumble[rows], weights[rows]) / label_mean))
+    if counts[j] > 1 and label_mean == 0:
+      stats["label_scumble_cv"][j] = 0.0
+    elif counts[j] > 1:
+      label_sd = _weighted_sample_sd(scumble[rows], weights[rows])
+      stats["label_scumble_cv"][j] = _json_float(label_sd / label_mean)
   return stats
 
 
