@@ -42,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0              # 0 = once per epoch
   c.log_every_steps = 50
 
+  # Per-class thresholds tuned on data.threshold_split after training (thesis section 3.2.1):
+  # num_subsets bootstrap subsets of `fraction` of the split, F1-optimal per class, median.
+  c.thresholds = ml_collections.ConfigDict({"tune": True, "num_subsets": 7, "fraction": 0.2})
+
   c.checkpoint = ml_collections.ConfigDict(
       {"keep_latest": 2, "best_metric": "val_loss", "best_mode": "min"})
   return c

@@ -22,6 +22,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "evaluate: 'best', 'latest' or a step number.")
 _SPLIT = flags.DEFINE_string("split", "test", "evaluate: which split of the dataset.")
+_THRESHOLDS = flags.DEFINE_string(
+    "thresholds", "saved", "evaluate: 'saved' (tuned thresholds of this checkpoint, else 0.5), a "
+    "number in (0, 1), or a thresholds JSON file.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "generate: output dataset directory.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 20000, "generate: number of images.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "generate: image side in pixels.")
@@ -46,6 +49,10 @@ def _main(argv: list[str]) -> None:
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: wikitopics {{{','.join(COMMANDS)}}} [flags]; got {argv[1:]}")
   command = argv[1]
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax and Grain log every save and read at INFO; our progress lines go to stdout.
+    logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
   if _JAX_CACHE.value:
     jax.config.update("jax_compilation_cache_dir", _JAX_CACHE.value)
@@ -66,7 +73,8 @@ def _main(argv: list[str]) -> None:
   elif command == "evaluate":
     from wikitopics_jax import evaluate_job  # pylint: disable=g-import-not-at-top
     evaluate_job.evaluate(_require(_WORKDIR, "workdir", command), checkpoint=_CHECKPOINT.value,
-                          split=_SPLIT.value, config_override=_CONFIG.value)
+                          split=_SPLIT.value, config_override=_CONFIG.value,
+                          thresholds=_THRESHOLDS.value)
 
 
 def main(argv: list[str]) -> None:
