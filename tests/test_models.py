@@ -171,7 +171,8 @@ def test_width_and_depth_overrides_shrink_the_model():
 def test_default_config_has_every_key():
   cfg = models.default_model_config()
   assert set(cfg.keys()) == {"name", "head", "image_size", "dropout_rate", "drop_connect_rate",
-                             "dtype", "depthwise_impl", "width_multiplier", "depth_multiplier"}
+                             "dtype", "depthwise_impl", "width_multiplier", "depth_multiplier",
+                             "input_normalization"}
 
 
 def test_unknown_model_name_lists_valid_names():

@@ -116,3 +116,17 @@ def test_missing_manifest_and_split_errors(tmp_path, data_dir):
     pipeline.train_dataset(str(tmp_path), "train", batch_size=8, seed=0, hierarchical=True)
   with pytest.raises(InputError, match="no split 'test'"):
     pipeline.train_dataset(data_dir, "test", batch_size=8, seed=0, hierarchical=True)
+
+
+def test_train_rows_of_two_processes_form_the_single_process_global_batch(data_dir):
+  single = iter(pipeline.train_dataset(data_dir, "train", batch_size=16, seed=5, hierarchical=True))
+  halves = [iter(pipeline.train_dataset(data_dir, "train", batch_size=8, seed=5, hierarchical=True,
+                                        share=pipeline.ProcessShare(i, 2))) for i in range(2)]
+  seen = [set(), set()]
+  for _ in range(6):  # one epoch
+    whole = next(single)["image"]
+    parts = [next(h)["image"] for h in halves]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    for i, part in enumerate(parts):
+      seen[i] |= {r.tobytes() for r in part}
+  assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 96

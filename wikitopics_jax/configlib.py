@@ -29,6 +29,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head = "thesis"
   # None = the dataset's image size (from its manifest); set it to check that they agree.
   c.model.image_size = ml_collections.FieldReference(None, int)
+  # Initial weights of the base model: "random", or "imagenet" (EfficientNet-Lite0/1/2 only, from
+  # the `pretrained` extra's packages; see docs/pretrained.md). The head always starts random.
+  c.init = "random"
+  # Fine-tuning depth (thesis Table 4.5): train the head and the base model's last K layers, counted
+  # as Keras counts them (B2 has 339); the other Params get no updates and no optimiser state, and
+  # their BatchNorm statistics stay fixed. None = train everything.
+  c.trainable_layers = ml_collections.FieldReference(None, int)
 
   c.loss = losses.default_config("bce")
   c.optimizer = ml_collections.ConfigDict({"name": "adam", "learning_rate": 1e-3})
@@ -46,6 +53,15 @@ def base_config() -> ml_collections.ConfigDict:
   # num_subsets bootstrap subsets of `fraction` of the split, F1-optimal per class, median.
   c.thresholds = ml_collections.ConfigDict({"tune": True, "num_subsets": 7, "fraction": 0.2})
 
+  # every_steps: 0 = checkpoint at every evaluation (once per epoch by default).
   c.checkpoint = ml_collections.ConfigDict(
-      {"keep_latest": 2, "best_metric": "val_loss", "best_mode": "min"})
+      {"keep_latest": 2, "best_metric": "val_loss", "best_mode": "min", "every_steps": 0})
+  # Fine-tune from another run (its workdir or checkpoint directory; its best checkpoint's model
+  # variables). Ignored when this workdir already has checkpoints (then training resumes).
+  c.init_from = ""
+  # A non-finite loss or gradient: "stop" (error naming the step; last good checkpoint kept) or
+  # "skip" (the update is dropped and training goes on).
+  c.nan_policy = "stop"
+  # XProf trace of num_steps steps from start_step (0 = off), written to workdir/profile.
+  c.profile = ml_collections.ConfigDict({"start_step": 0, "num_steps": 5})
   return c

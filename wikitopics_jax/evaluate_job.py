@@ -1,13 +1,37 @@
-"""`wikitopics evaluate`: evaluate a checkpoint of a training workdir on any split of its dataset."""
+"""`wikitopics evaluate`: evaluate checkpoints of a training workdir on any split of its dataset.
+
+Which checkpoints: "best", "latest", a step number, or "all" (every checkpoint on disk, in step order).
+`watch` runs next to a training job, as a second process, and evaluates each checkpoint as it appears.
+
+Per checkpoint, in `<workdir>/eval/`:
+  <split>_step<N>.json              metrics (`metrics.evaluate_predictions`) plus where they came from
+  <split>_step<N>.md                the same as markdown tables
+  <split>_step<N>.predictions.npz   probs (N, L) float32, labels (N, L) uint8, loss (N,) per example in
+                                    the split's stored order; `report` reads them instead of rerunning
+and, over all checkpoints evaluated on a split, <split>_checkpoints.{json,md}: one row per step.
+
+Ground truth: a split whose name contains "human", or that the dataset manifest lists in
+`info["human_labelled_splits"]`, is scored against human annotations; any other split against the
+heuristic labels, which are noisy (they reach only ~0.46 macro-F1 against human annotations,
+thesis_facts.md section 2). Every result says which in `ground_truth`, and the titles say it too, so the
+two are never read as one number.
+"""
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
+import math
 import os
+import re
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from wikitopics_jax import checkpointing
 from wikitopics_jax import evaluation
@@ -19,6 +43,14 @@ from wikitopics_jax import task as task_lib
 from wikitopics_jax import thresholds as thresholds_lib
 from wikitopics_jax import trainer
 from wikitopics_jax.errors import InputError
+
+HUMAN = "human"
+HEURISTIC = "heuristic"
+GROUND_TRUTH_DESCRIPTIONS = {
+    HUMAN: "human annotations",
+    HEURISTIC: "heuristic labels (noisy: not human ground truth)",
+}
+RESULTS_FILE = "results.json"  # Written by the training job when it is done.
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
@@ -49,44 +81,366 @@ def resolve_thresholds(workdir: str, which: str | None, label_names, step: int):
   return value, str(value)
 
 
-def evaluate(workdir: str, *, checkpoint: str | int = "best", split: str = "test",
-             config_override: ml_collections.ConfigDict | None = None,
-             thresholds: str | None = None) -> dict[str, Any]:
-  workdir = os.path.abspath(workdir)
-  config = config_override or load_workdir_config(workdir)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True,
+def ground_truth_kind(split: str, manifest: manifest_lib.Manifest) -> str:
+  """HUMAN if the split is human-labelled (by its name or the manifest), else HEURISTIC."""
+  marked = manifest.info.get("human_labelled_splits") or ()
+  return HUMAN if HUMAN in split.lower() or split in marked else HEURISTIC
+
+
+def eval_path(workdir: str, split: str, step: int, suffix: str) -> str:
+  """<workdir>/eval/<split>_step<step><suffix>, e.g. suffix ".json" or ".predictions.npz"."""
+  return os.path.join(workdir, "eval", f"{split}_step{step}{suffix}")
+
+
+def load_predictions(workdir: str, split: str, step: int) -> dict[str, np.ndarray] | None:
+  """The per-example predictions an evaluation saved, or None if there are none."""
+  path = eval_path(workdir, split, step, ".predictions.npz")
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as data:
+    return {k: data[k] for k in ("probs", "labels", "loss")}
+
+
+def save_predictions(path: str, predictions: dict[str, np.ndarray]) -> None:
+  """Atomic; process 0 only."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:  # A file object: np.savez would append ".npz" to a name.
+    np.savez(f, **{k: predictions[k] for k in ("probs", "labels", "loss")})
+  os.replace(tmp, path)
+
+
+class _ReadOnlyNotices(logging.Filter):
+  """Drops Orbax's two warnings about every read-only CheckpointManager (a watcher opens one per poll)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith("CheckpointManagerOptions.read_only=True")
+                or message.startswith("Given directory is read only"))
+
+
+def open_checkpoints(workdir: str, config: ml_collections.ConfigDict) -> checkpointing.Checkpointer:
+  """A read-only Checkpointer of <workdir>/checkpoints, as the training job configured it."""
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _ReadOnlyNotices) for f in absl_logger.filters):
+    absl_logger.addFilter(_ReadOnlyNotices())
+  return checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True,
                                     best_metric=config.checkpoint.best_metric,
                                     best_mode=config.checkpoint.best_mode)
-  step = ckpt.resolve_step(checkpoint)
-  manifest = manifest_lib.read(config.data.dir)
-  manifest.split(split, where=config.data.dir)
-  trainer.check_taxonomy(ckpt.restore_meta(step), manifest, where=f"{workdir} step {step}")
-  mesh = sharding_lib.make_mesh(config.mesh.get("num_devices"))
-  task = task_lib.build(config, manifest, total_steps=max(step, 1))
-  placement = trainer.Placement(mesh, task.state)
-  state = trainer.restore_state(ckpt, step, task, placement)
-  eval_step = steps_lib.make_eval_step(task, state_sharding=placement.state,
-                                       batch_sharding=placement.batch)
-  predictions = evaluation.predict_split(eval_step, state, data_dir=config.data.dir, split=split,
-                                         batch_size=config.eval_batch_size,
-                                         hierarchical=config.data.hierarchical, mesh=mesh)
-  train_info = manifest.splits.get(config.data.train_split)
-  train_frequencies = (None if train_info is None else
-                       train_info.positives(config.data.hierarchical) / train_info.num_examples)
-  threshold_values, threshold_source = resolve_thresholds(workdir, thresholds, task.label_names, step)
-  result = evaluation.summarize(predictions, label_names=task.label_names, thresholds=threshold_values,
-                                train_frequencies=train_frequencies,
-                                ancestor_matrix=manifest.taxonomy.ancestor_matrix)
-  result.update(split=split, checkpoint_step=step, thresholds_source=threshold_source)
-  report = metrics_lib.format_report(result)
-  base = os.path.join(workdir, "eval", f"{split}_step{step}")
-  evaluation.write_json(base + ".json", result)
+
+
+class RestoredModel:
+  """A training workdir's model, ready to restore any of its checkpoints and run the eval step.
+
+  Built once (model, mesh, compiled eval step) and reused across checkpoints: evaluating every
+  checkpoint then costs one compilation, not one per checkpoint.
+  """
+
+  def __init__(self, workdir: str, *, config_override: ml_collections.ConfigDict | None = None):
+    self.workdir = os.path.abspath(workdir)
+    self.config = config_override or load_workdir_config(self.workdir)
+    self.checkpoint_dir = os.path.join(self.workdir, "checkpoints")
+    self.manifest = manifest_lib.read(self.config.data.dir)
+    self.mesh = sharding_lib.make_mesh(self.config.mesh.get("num_devices"))
+    # total_steps only shapes the learning-rate schedule, not the state's structure.
+    self.task = task_lib.build(self.config, self.manifest, total_steps=1)
+    self.placement = trainer.Placement(self.mesh, self.task.state)
+    self.eval_step = steps_lib.make_eval_step(self.task, state_sharding=self.placement.state,
+                                              batch_sharding=self.placement.batch)
+
+  @property
+  def label_names(self) -> tuple[str, ...]:
+    return self.task.label_names
+
+  def checkpointer(self) -> checkpointing.Checkpointer:
+    """A fresh read-only view of the checkpoint directory (it sees checkpoints written since)."""
+    return open_checkpoints(self.workdir, self.config)
+
+  def steps(self) -> list[int]:
+    if not os.path.isdir(self.checkpoint_dir):
+      return []
+    ckpt = self.checkpointer()
+    try:
+      return ckpt.all_steps()
+    finally:
+      ckpt.close()
+
+  def resolve_step(self, which: str | int) -> int:
+    ckpt = self.checkpointer()
+    try:
+      return ckpt.resolve_step(which)
+    finally:
+      ckpt.close()
+
+  def restore(self, step: int) -> Any:
+    """The state of checkpoint `step` on the mesh; CheckpointVanished if it was deleted meanwhile."""
+    ckpt = self.checkpointer()
+    try:
+      trainer.check_taxonomy(ckpt.restore_meta(step), self.manifest,
+                             where=f"{self.workdir} step {step}")
+      return trainer.restore_state(ckpt, step, self.task, self.placement)
+    except Exception:
+      # A running training job deletes old checkpoints (config.checkpoint.keep_latest).
+      if step not in self.steps():
+        raise CheckpointVanished(f"{self.checkpoint_dir}: checkpoint {step} was deleted before it "
+                                 "could be evaluated") from None
+      raise
+    finally:
+      ckpt.close()
+
+
+class CheckpointVanished(Exception):
+  """A checkpoint listed a moment ago is gone (deleted by the training job's retention policy)."""
+
+
+class Evaluator:
+  """Evaluates checkpoints of one workdir on one split, writing eval/ files per checkpoint."""
+
+  def __init__(self, workdir: str, *, split: str = "test",
+               config_override: ml_collections.ConfigDict | None = None,
+               thresholds: str | None = None, model: RestoredModel | None = None):
+    self.model = model or RestoredModel(workdir, config_override=config_override)
+    self.workdir = self.model.workdir
+    self.split = split
+    self.thresholds = thresholds
+    config, manifest = self.model.config, self.model.manifest
+    manifest.split(split, where=config.data.dir)
+    self.ground_truth = ground_truth_kind(split, manifest)
+    train_info = manifest.splits.get(config.data.train_split)
+    self.train_frequencies = (None if train_info is None else
+                              train_info.positives(config.data.hierarchical) / train_info.num_examples)
+
+  def predictions(self, step: int) -> dict[str, np.ndarray]:
+    """probs, labels and loss of every example of the split, in stored order, for checkpoint `step`."""
+    config = self.model.config
+    state = self.model.restore(step)
+    return evaluation.predict_split(self.model.eval_step, state, data_dir=config.data.dir,
+                                    split=self.split, batch_size=config.eval_batch_size,
+                                    hierarchical=config.data.hierarchical, mesh=self.model.mesh)
+
+  def evaluate(self, step: int) -> dict[str, Any]:
+    """Metrics of checkpoint `step`; writes eval/<split>_step<step>.{json,md,predictions.npz}."""
+    predictions = self.predictions(step)
+    label_names = self.model.label_names
+    threshold_values, threshold_source = resolve_thresholds(self.workdir, self.thresholds, label_names,
+                                                            step)
+    result = evaluation.summarize(predictions, label_names=label_names, thresholds=threshold_values,
+                                  train_frequencies=self.train_frequencies,
+                                  ancestor_matrix=self.model.manifest.taxonomy.ancestor_matrix)
+    result.update(split=self.split, checkpoint_step=step, thresholds_source=threshold_source,
+                  ground_truth=self.ground_truth, data_dir=os.path.abspath(self.model.config.data.dir))
+    save_predictions(eval_path(self.workdir, self.split, step, ".predictions.npz"), predictions)
+    evaluation.write_json(eval_path(self.workdir, self.split, step, ".json"), result)
+    _write_text(eval_path(self.workdir, self.split, step, ".md"), markdown_report(result))
+    if jax.process_index() == 0:
+      print(f"{_title(result)}, thresholds {threshold_source}:\n{metrics_lib.format_report(result)}",
+            flush=True)
+    return result
+
+  def is_evaluated(self, step: int) -> bool:
+    return os.path.exists(eval_path(self.workdir, self.split, step, ".json"))
+
+
+def evaluate(workdir: str, *, checkpoint: str | int = "best", split: str = "test",
+             config_override: ml_collections.ConfigDict | None = None,
+             thresholds: str | None = None) -> dict[str, Any] | list[dict[str, Any]]:
+  """Evaluates one checkpoint ("best", "latest", a step) -> its result; or "all" -> a list of results.
+
+  With "all", every checkpoint on disk is evaluated in step order (also ones evaluated before) and
+  eval/<split>_checkpoints.{json,md} table them.
+  """
+  evaluator = Evaluator(workdir, split=split, config_override=config_override, thresholds=thresholds)
+  if checkpoint != "all":
+    return evaluator.evaluate(evaluator.model.resolve_step(checkpoint))
+  steps = evaluator.model.steps()
+  if not steps:
+    raise InputError(f"{evaluator.model.checkpoint_dir}: no checkpoints")
+  results = [evaluator.evaluate(step) for step in steps]
+  write_checkpoint_table(evaluator.workdir, split)
+  return results
+
+
+def watch(workdir: str, *, split: str = "test", poll_seconds: float = 60.0,
+          timeout: float | None = None, config_override: ml_collections.ConfigDict | None = None,
+          thresholds: str | None = None,
+          sleep: Callable[[float], None] = time.sleep) -> list[dict[str, Any]]:
+  """Evaluates each checkpoint of a (running) training job once, as it appears, in step order.
+
+  Run it as a second process next to `train`. Checkpoints that already have eval/<split>_step<N>.json
+  are skipped, so a restarted watcher resumes where it stopped. It returns after the pass in which it
+  found the training job's results.json (written when training is done), or once `timeout` seconds
+  have passed (None: no limit). A checkpoint that the training job deletes (config.checkpoint.keep_latest)
+  before the watcher reaches it is reported and skipped: keep more checkpoints to evaluate them all.
+
+  Returns:
+    The results of the checkpoints evaluated by this call, in step order.
+  """
+  workdir = os.path.abspath(workdir)
+  deadline = None if timeout is None else time.monotonic() + timeout
+  evaluator: Evaluator | None = None
+  results: list[dict[str, Any]] = []
+  while True:
+    # Looked at before listing: a checkpoint written just before results.json is still found.
+    training_done = _agree(os.path.exists(os.path.join(workdir, RESULTS_FILE)))
+    if evaluator is None and _agree(os.path.exists(os.path.join(workdir, "config.json"))):
+      evaluator = Evaluator(workdir, split=split, config_override=config_override, thresholds=thresholds)
+    evaluated_any = False
+    while evaluator is not None:
+      step = _agree(_next_unevaluated(evaluator, skip={r["checkpoint_step"] for r in results}))
+      if step < 0:
+        break
+      try:
+        results.append(evaluator.evaluate(step))
+        evaluated_any = True
+      except CheckpointVanished as e:
+        _log(f"skipped: {e}")
+        results.append({"checkpoint_step": step, "skipped": str(e)})
+    if evaluated_any:
+      write_checkpoint_table(workdir, split)
+    if training_done:
+      _log(f"{workdir}: training is done ({RESULTS_FILE} exists); stopped watching")
+      break
+    if deadline is not None and time.monotonic() >= deadline:
+      _log(f"{workdir}: watch timed out after {timeout:g} s")
+      break
+    sleep(poll_seconds if deadline is None else max(0.0, min(poll_seconds, deadline - time.monotonic())))
+  return [r for r in results if "skipped" not in r]
+
+
+def _next_unevaluated(evaluator: Evaluator, skip: set[int]) -> int:
+  """The lowest checkpoint step without an evaluation on disk, or -1."""
+  for step in evaluator.model.steps():
+    if step not in skip and not evaluator.is_evaluated(step):
+      return step
+  return -1
+
+
+def _agree(value: bool | int) -> Any:
+  """Process 0's view of the file system, on every process (they must evaluate the same steps)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return type(value)(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _title(result: dict[str, Any]) -> str:
+  truth = GROUND_TRUTH_DESCRIPTIONS.get(result.get("ground_truth"), "unknown ground truth")
+  return f"Split {result['split']!r}, checkpoint step {result['checkpoint_step']}, against {truth}"
+
+
+def _md_value(value: Any, digits: int = 4) -> str:
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return "n/a"
+  if isinstance(value, float):
+    return f"{value:.{digits}f}"
+  return str(value)
+
+
+def _md_table(header: list[str], rows: list[list[Any]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(_md_value(cell) for cell in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def markdown_report(result: dict[str, Any]) -> str:
+  """An `evaluate_predictions` result (plus split/step/ground truth) as markdown tables."""
+  groups = result["groups"]
+  top_k = groups["top_k"]
+  summary = [
+      ["images", result["num_images"]],
+      ["ground truth", GROUND_TRUTH_DESCRIPTIONS.get(result.get("ground_truth"), "unknown")],
+      ["thresholds", result.get("thresholds_source", "n/a")],
+      ["macro AP", result["macro_ap"]],
+      ["random baseline (macro AP)", result["random_baseline_ap"]],
+      ["macro AP / baseline", result["macro_ap_over_baseline"]],
+      ["micro AP", result["micro_ap"]],
+      ["macro PR-AUC (trapezoid, the thesis's metric)", result["macro_pr_auc_trapezoid"]],
+      ["macro ROC-AUC", result["macro_roc_auc"]],
+      ["loss", result.get("loss")],
+      ["labels per image (truth / predicted)",
+       f"{_md_value(result['labels_per_image']['true'], 3)} / "
+       f"{_md_value(result['labels_per_image']['predicted'], 3)}"],
+  ]
+  if "hierarchy_violation_rate" in result:
+    summary.append(["images violating the hierarchy", result["hierarchy_violation_rate"]])
+  if result["labels_without_positives"]:
+    summary.append(["labels without positives (excluded from macro AP)",
+                    ", ".join(result["labels_without_positives"])])
+  prf_rows = [[name, *(values[m] for m in ("precision", "recall", "f1"))] for name, values in (
+      ("all (macro)", {m: result[m]["macro"] for m in ("precision", "recall", "f1")}),
+      ("all (micro)", {m: result[m]["micro"] for m in ("precision", "recall", "f1")}),
+      ("all (samples)", {m: result[m]["samples"] for m in ("precision", "recall", "f1")}),
+      (f"top-{top_k} (macro)", groups["top"]),
+      ("rest (macro)", groups["rest"]))]
+  per_label = sorted(result["per_label"], key=lambda row: (-row["support"], row["name"]))
+  label_rows = [[row["name"], row["support"], row["predicted"], row["ap"], row["baseline_ap"],
+                 row["precision"], row["recall"], row["f1"], row["threshold"]] for row in per_label]
+  return "\n\n".join([
+      f"# {_title(result)}",
+      _md_table(["metric", "value"], summary),
+      f"## Precision, recall, F1 (rule: {result['threshold_rule']})",
+      _md_table(["labels", "precision", "recall", "F1"], prf_rows),
+      f"Groups by {groups['source']}; top-{top_k}: {', '.join(groups['top']['labels'])}.",
+      "## Per label",
+      _md_table(["label", "support", "predicted", "AP", "baseline AP", "P", "R", "F1", "threshold"],
+                label_rows),
+  ]) + "\n"
+
+
+def write_checkpoint_table(workdir: str, split: str) -> str:
+  """eval/<split>_checkpoints.{json,md}: one row per evaluated checkpoint of `split`; returns the .md."""
+  pattern = re.compile(re.escape(split) + r"_step(\d+)\.json$")
+  rows = []
+  for path in glob.glob(os.path.join(glob.escape(workdir), "eval", f"{glob.escape(split)}_step*.json")):
+    match = pattern.search(os.path.basename(path))
+    if not match:
+      continue
+    with open(path) as f:
+      result = json.load(f)
+    rows.append({"step": int(match.group(1)), "macro_ap": result.get("macro_ap"),
+                 "micro_ap": result.get("micro_ap"), "macro_f1": result.get("f1", {}).get("macro"),
+                 "micro_f1": result.get("f1", {}).get("micro"), "loss": result.get("loss"),
+                 "thresholds": result.get("thresholds_source", "0.5"),
+                 "ground_truth": result.get("ground_truth", HEURISTIC)})
+  rows.sort(key=lambda row: row["step"])
+  best = _best_step(workdir)
+  base = os.path.join(workdir, "eval", f"{split}_checkpoints")
+  evaluation.write_json(base + ".json", {"split": split, "best_step": best, "checkpoints": rows})
+  kinds = {row["ground_truth"] for row in rows}
+  truth = " and ".join(GROUND_TRUTH_DESCRIPTIONS.get(k, k) for k in sorted(kinds))
+  table = _md_table(["step", "macro AP", "micro AP", "macro F1", "micro F1", "loss", "thresholds"],
+                    [[f"{row['step']}{' (best)' if row['step'] == best else ''}", row["macro_ap"],
+                      row["micro_ap"], row["macro_f1"], row["micro_f1"], row["loss"], row["thresholds"]]
+                     for row in rows])
+  _write_text(base + ".md", f"# Split {split!r}, every evaluated checkpoint, against {truth}\n\n{table}\n")
+  return base + ".md"
+
+
+def _best_step(workdir: str) -> int | None:
+  path = os.path.join(workdir, "checkpoints", checkpointing.BEST_MARKER)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return int(json.load(f)["step"])
+
+
+def _write_text(path: str, text: str) -> None:
+  """Atomic; process 0 only."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _log(message: str) -> None:
   if jax.process_index() == 0:
-    tmp = base + ".md.tmp"
-    with open(tmp, "w") as f:
-      f.write(f"# {split}, checkpoint step {step}\n\n```\n{report}\n```\n")
-    os.replace(tmp, base + ".md")
-    print(f"Split {split!r}, checkpoint step {step}, thresholds {threshold_source}:\n{report}",
-          flush=True)
-  ckpt.close()
-  return result
+    print(message, flush=True)

@@ -34,7 +34,11 @@ _JAX_CACHE = flags.DEFINE_string(
     "jax_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "wikitopics_jax", "xla"),
     "Persistent XLA compilation cache ('' disables).")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (multi-host; reads the cluster env).")
+    "distributed", False, "Call jax.distributed.initialize() (multi-host). On Cloud TPU and SLURM the "
+    "cluster is detected; elsewhere give the three flags below.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 
 COMMANDS = ("train", "evaluate", "generate")
 
@@ -57,8 +61,9 @@ def _main(argv: list[str]) -> None:
   if _JAX_CACHE.value:
     jax.config.update("jax_compilation_cache_dir", _JAX_CACHE.value)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
   if command == "generate":
     from wikitopics_jax import synthetic  # pylint: disable=g-import-not-at-top
@@ -84,6 +89,9 @@ def main(argv: list[str]) -> None:
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except FloatingPointError as e:  # trainer.NonFiniteError: the message names step and quantity
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
 
 
 def run() -> None:

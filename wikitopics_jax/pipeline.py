@@ -1,8 +1,9 @@
 """Grain input pipelines over a dataset directory of ArrayRecord shards.
 
-Train: source -> this process's share (every `process_count`-th record) -> shuffle (reshuffled every
-epoch) -> repeat -> decode -> batch -> optional worker processes. Batches straddle epoch boundaries, so
-no example is dropped; an "epoch" is `num_examples // global_batch_size` steps.
+Train: source -> shuffle (same seed on every process, reshuffled every epoch) -> repeat -> this
+process's rows of each global batch -> decode -> batch -> optional worker processes. Batches straddle
+epoch boundaries, so no example is dropped; an "epoch" is `num_examples // global_batch_size` steps.
+The global batch sequence is the same for any number of processes.
 
 Eval: this process's share -> decode -> batches padded to a fixed size with a `mask`, and every process
 yields the same number of batches, so a global batch can always be assembled across hosts.
@@ -29,7 +30,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def normalize_images(images_uint8: jnp.ndarray) -> jnp.ndarray:
+def normalize_images(images_uint8: jnp.ndarray, normalization: str | None = None) -> jnp.ndarray:
+  """uint8 pixels -> the model's float32 inputs; `normalization` is `model.input_normalization`.
+
+  None or "imagenet": scale to [0, 1], then ImageNet mean/std (random init, Keras B0-B7 weights);
+  "lite": (pixel - 127) / 128, what the EfficientNet-Lite ImageNet weights expect.
+  """
+  if normalization == "lite":
+    return (images_uint8.astype(jnp.float32) - 127.0) / 128.0
+  if normalization not in (None, "imagenet"):
+    raise ValueError(f"unknown input normalization {normalization!r}")
   x = images_uint8.astype(jnp.float32) / 255.0
   return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
 
@@ -77,16 +87,47 @@ def _maybe_prefetch(ds: grain.IterDataset, worker_count: int) -> grain.IterDatas
   return ds
 
 
+class _GlobalBatchRows:
+  """Index k of this process -> the record it must read: its rows of each global batch.
+
+  All processes shuffle the whole split with the same seed and take disjoint, contiguous row blocks
+  of every global batch, so the global batch (and the training trajectory) does not depend on the
+  number of processes, and together the processes read each example exactly once per epoch.
+  """
+
+  def __init__(self, shuffled: grain.MapDataset, per_process: int, share: ProcessShare):
+    self.shuffled = shuffled
+    self.per_process = per_process
+    self.global_batch = per_process * share.count
+    self.offset = share.index * per_process
+
+  def __call__(self, k: int):
+    batch, row = divmod(k, self.per_process)
+    return self.shuffled[batch * self.global_batch + self.offset + row]
+
+
 def train_dataset(data_dir: str, split: str, *, batch_size: int, seed: int, hierarchical: bool,
                   share: ProcessShare = ProcessShare(), worker_count: int = 0) -> grain.IterDataset:
-  """Infinite iterator of per-process batches; `get_state()`/`set_state()` resume exactly."""
-  manifest, ds = _split_dataset(data_dir, split, share)
-  if len(ds) < batch_size:
-    raise ValueError(f"{data_dir}: split {split!r} has {len(ds)} examples for this process, fewer "
-                     f"than its batch of {batch_size}")
+  """Infinite iterator of this process's `batch_size` rows of each global batch.
+
+  `get_state()`/`set_state()` resume at exactly the same batch.
+  """
+  manifest = manifest_lib.read(data_dir)
+  info = manifest.split(split, where=data_dir)
+  source = grain.sources.ArrayRecordDataSource(manifest_lib.split_paths(data_dir, info))
+  if len(source) != info.num_examples:
+    raise ValueError(f"{data_dir}: split {split!r} has {len(source)} records, manifest says "
+                     f"{info.num_examples}")
+  if len(source) < batch_size * share.count:
+    raise ValueError(f"{data_dir}: split {split!r} has {len(source)} examples, fewer than one global "
+                     f"batch of {batch_size * share.count}")
   decode = DecodeExample(hierarchical=hierarchical, source_name=f"{data_dir}:{split}",
                          image_shape=manifest.image_shape)
-  ds = ds.shuffle(seed=seed).repeat(None).map(decode).batch(batch_size, drop_remainder=True)
+  shuffled = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+  ds = (grain.MapDataset.range(len(shuffled))
+        .map(_GlobalBatchRows(shuffled, batch_size, share))
+        .map(decode)
+        .batch(batch_size, drop_remainder=True))
   return _maybe_prefetch(ds.to_iter_dataset(), worker_count)
 
 

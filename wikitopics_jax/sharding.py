@@ -55,5 +55,20 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
           for k, v in local_batch.items()}
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  return jax.device_put(tree, replicated(mesh))
+def put_replicated(tree: Any, sharding: NamedSharding) -> Any:
+  """Host values (identical on every process) -> global arrays replicated over `sharding`'s mesh.
+
+  `jax.device_put` cannot target devices of other processes; every process builds its own shards.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x  # already global (restored from a checkpoint with this sharding)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(put, tree)

@@ -20,6 +20,7 @@ from wikitopics_jax import losses
 from wikitopics_jax import manifest as manifest_lib
 from wikitopics_jax import models
 from wikitopics_jax import optimizers
+from wikitopics_jax import pretrained
 from wikitopics_jax.errors import InputError
 
 
@@ -33,6 +34,7 @@ class Task:
   num_labels: int
   label_names: tuple[str, ...]
   num_params: int
+  num_trainable_params: int = 0  # Params the optimiser updates (all unless config.trainable_layers).
 
   def pure_state(self) -> Any:
     return nnx.to_pure_dict(self.state)
@@ -66,8 +68,11 @@ def build(config: ml_collections.ConfigDict, manifest: manifest_lib.Manifest, *,
   num_labels = manifest.taxonomy.num_labels
   rngs = nnx.Rngs(params=config.seed, dropout=config.seed + 1)
   model = models.create_model(model_config_for(config, manifest), num_labels=num_labels, rngs=rngs)
+  pretrained.init_from_config(config, model)  # config.init
+  # config.trainable_layers: frozen Params get no optimiser state, frozen BatchNorms keep their stats.
+  trainable = models.set_trainable_layers(model, config.get("trainable_layers"))
   tx, schedule = optimizers.make_optimizer(config.optimizer, config.schedule, total_steps=total_steps)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, tx, wrt=trainable)
   model.eval()
   eval_graphdef, _ = nnx.split((model, optimizer))
   model.train()
@@ -75,4 +80,5 @@ def build(config: ml_collections.ConfigDict, manifest: manifest_lib.Manifest, *,
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   return Task(train_graphdef=train_graphdef, eval_graphdef=eval_graphdef, state=state,
               objective=objective_for(config, manifest), schedule=schedule, num_labels=num_labels,
-              label_names=manifest.taxonomy.labels, num_params=num_params)
+              label_names=manifest.taxonomy.labels, num_params=num_params,
+              num_trainable_params=models.count_parameters(model, trainable))

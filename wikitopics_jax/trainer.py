@@ -7,8 +7,11 @@ and the data iterator's position); the dataset's taxonomy must equal the checkpo
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -74,7 +77,7 @@ def restore_state(ckpt: checkpointing.Checkpointer, step: int, task: task_lib.Ta
   flat, _ = ckpt.restore(step, checkpointing.abstract_checkpoint_tree(like, placement.replicated),
                          data_iterator=data_iterator)
   nnx.replace_by_pure_dict(task.state, checkpointing.from_checkpoint_tree(flat, like))
-  return jax.device_put(task.state, placement.state)
+  return sharding_lib.put_replicated(task.state, placement.replicated)
 
 
 def tune_thresholds(config, workdir, eval_step, state, mesh, label_names, step) -> np.ndarray | None:
@@ -99,7 +102,113 @@ def tune_thresholds(config, workdir, eval_step, state, mesh, label_names, step) 
   return tuned.thresholds
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+class NonFiniteError(FloatingPointError):
+  """Training produced a non-finite loss or gradient (config.nan_policy = "stop")."""
+
+
+class _Preemption:
+  """SIGTERM (what TPU and cluster schedulers send) -> save at the next step and exit 0."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def should_stop(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    # Every process must stop at the same step, whichever of them got the signal.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Profiler:
+  """Captures an XProf trace of config.profile.num_steps steps from config.profile.start_step."""
+
+  def __init__(self, profile_cfg, workdir: str):
+    self.start = int(profile_cfg.get("start_step") or 0)
+    self.stop = self.start + int(profile_cfg.get("num_steps") or 0)
+    self.directory = os.path.join(workdir, "profile")
+    self.active = False
+
+  def before_step(self, step: int) -> None:
+    if self.start and step == self.start and self.stop > self.start:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after_step(self, step: int, outputs) -> None:
+    if self.active and step + 1 >= self.stop:
+      jax.block_until_ready(outputs)
+      jax.profiler.stop_trace()
+      self.active = False
+      _log(f"profile of steps {self.start}-{step} written to {self.directory}")
+
+
+# Peak dense bf16 FLOP/s per chip, for the MFU estimate (vendor data sheets).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+              "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def _peak_flops(device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  return next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
+
+
+def _truncate_metrics(workdir: str, last_step: int) -> None:
+  """After a restart, drop metric rows of steps that will be replayed (JSON lines stay unique)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    rows = [line for line in f if line.strip()]
+  kept = []
+  for line in rows:
+    try:
+      if json.loads(line)["step"] <= last_step:
+        kept.append(line)
+    except (json.JSONDecodeError, KeyError):
+      continue  # a line torn by a kill
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
+def _init_from_checkpoint(init_from: str, task: task_lib.Task, placement: "Placement") -> None:
+  """Fine-tuning start: model variables (not optimiser state) from another run's best checkpoint."""
+  directory = init_from
+  if os.path.isdir(os.path.join(init_from, "checkpoints")):
+    directory = os.path.join(init_from, "checkpoints")
+  source = checkpointing.Checkpointer(directory, read_only=True)
+  step = source.resolve_step("best" if source.best_step() is not None else "latest")
+  arrays = source.restore_arrays(step)
+  like = nnx.to_pure_dict(task.state)
+  current = checkpointing.to_checkpoint_tree(like)
+  model_keys = {k for k in current if k.startswith("0/")}
+  missing = sorted(model_keys - set(arrays))
+  if missing:
+    raise InputError(f"config.init_from={init_from}: checkpoint step {step} lacks {missing[:5]}")
+  for key in model_keys:
+    if tuple(np.shape(arrays[key])) != tuple(np.shape(current[key])):
+      raise InputError(f"config.init_from={init_from}: {key!r} has shape {np.shape(arrays[key])}, "
+                       f"the model expects {np.shape(current[key])}")
+    current[key] = arrays[key]
+  nnx.replace_by_pure_dict(task.state, checkpointing.from_checkpoint_tree(current, like))
+  source.close()
+  _log(f"initialised model from {directory} step {step}")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains until the configured number of steps, or until preempted. Returns a summary dict."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   manifest = prepare_data(config)
@@ -111,80 +220,175 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise InputError(f"config.batch_size={config.batch_size} is larger than the training split "
                      f"({train_info.num_examples} examples)")
   total_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
-  eval_every = config.get("eval_every_steps") or steps_per_epoch
+  eval_every = config.eval_every_steps or steps_per_epoch
+  checkpoint_every = config.checkpoint.every_steps or eval_every
+  if config.nan_policy not in ("stop", "skip"):
+    raise InputError(f"config.nan_policy={config.nan_policy!r}; valid: 'stop', 'skip'")
 
   task = task_lib.build(config, manifest, total_steps=total_steps)
   placement = Placement(mesh, task.state)
-  state = jax.device_put(task.state, placement.state)
   train_step = steps_lib.make_train_step(task, state_sharding=placement.state,
                                          batch_sharding=placement.batch,
-                                         replicated_sharding=placement.replicated)
+                                         replicated_sharding=placement.replicated,
+                                         skip_nonfinite=config.nan_policy == "skip")
   eval_step = steps_lib.make_eval_step(task, state_sharding=placement.state,
                                        batch_sharding=placement.batch)
-
-  train_ds = pipeline.train_dataset(config.data.dir, config.data.train_split, batch_size=per_process_batch,
-                                    seed=config.seed, hierarchical=config.data.hierarchical,
-                                    share=sharding_lib.process_share(),
-                                    worker_count=config.data.worker_count)
-  train_iter = iter(train_ds)
+  train_iter = iter(pipeline.train_dataset(
+      config.data.dir, config.data.train_split, batch_size=per_process_batch, seed=config.seed,
+      hierarchical=config.data.hierarchical, share=sharding_lib.process_share(),
+      worker_count=config.data.worker_count))
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     keep_latest=config.checkpoint.keep_latest,
                                     best_metric=config.checkpoint.best_metric,
                                     best_mode=config.checkpoint.best_mode)
   meta_base = {"taxonomy": manifest.taxonomy.to_json(), "config": config.to_dict(),
                "data_dir": os.path.abspath(config.data.dir)}
+
+  # Resume order: this workdir's latest checkpoint, else config.init_from, else the model's own
+  # initialisation (pretrained or random, config.init).
   start_step = 0
   latest = ckpt.latest_step()
   if latest is not None:
     check_taxonomy(ckpt.restore_meta(latest), manifest, where=f"{workdir} step {latest}")
     state = restore_state(ckpt, latest, task, placement, data_iterator=train_iter)
     start_step = latest
-    logging.info("Resumed from %s at step %d", ckpt.directory, latest)
+    _truncate_metrics(workdir, latest)
+    _log(f"resumed from {ckpt.directory} at step {latest}")
+  else:
+    if config.init_from:
+      _init_from_checkpoint(config.init_from, task, placement)
+    state = sharding_lib.put_replicated(task.state, placement.replicated)
   _write_config(workdir, config)
 
   writer = metric_writer.MetricWriter(workdir)
-  _log(f"model {config.model.name}: {task.num_params:,} parameters; {jax.device_count()} devices; "
-       f"global batch {config.batch_size}; {steps_per_epoch} steps/epoch; {total_steps} steps")
-  train_frequencies = train_info.positives(config.data.hierarchical) / train_info.num_examples
+  _log(f"model {config.model.name}: {task.num_params:,} parameters "
+       f"({getattr(task, 'num_trainable_params', task.num_params):,} trainable); "
+       f"{mesh.devices.size} devices in {jax.process_count()} processes; global batch "
+       f"{config.batch_size}; {steps_per_epoch} steps/epoch; {total_steps} steps")
+  preemption = _Preemption()
+  profiler = _Profiler(config.profile, workdir)
+  compiled_step = None
+  flops_per_step = None
+  pending: list[tuple[int, dict[str, Any]]] = []  # step metrics not yet fetched from the devices
   t_start = time.perf_counter()
   t_window, window_steps = time.perf_counter(), 0
-  for step in range(start_step + 1, total_steps + 1):
-    batch = sharding_lib.global_batch(next(train_iter), mesh)
-    state, step_metrics = train_step(state, batch)
-    window_steps += 1
-    if step % config.log_every_steps == 0 or step == total_steps:
-      step_metrics = jax.device_get(step_metrics)
-      loss = float(step_metrics["loss"])
-      if not math.isfinite(loss) or not math.isfinite(float(step_metrics["grad_norm"])):
-        raise FloatingPointError(f"step {step}: non-finite loss {loss} or gradient norm "
-                                 f"{float(step_metrics['grad_norm'])}; last good checkpoint: "
-                                 f"{ckpt.latest_step()}")
-      elapsed = time.perf_counter() - t_window
-      steps_per_s = window_steps / elapsed
-      step_metrics.update(steps_per_second=steps_per_s, images_per_second=steps_per_s * config.batch_size,
-                          epoch=step / steps_per_epoch)
-      writer.write(step, step_metrics)
-      eta = (total_steps - step) / max(steps_per_s, 1e-9)
-      _log(f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} loss {loss:.4f} "
-           f"{steps_per_s * config.batch_size:.0f} img/s eta {eta:.0f}s")
-      t_window, window_steps = time.perf_counter(), 0
-    if step % eval_every == 0 or step == total_steps:
-      val = evaluation.predict_split(eval_step, state, data_dir=config.data.dir,
-                                     split=config.data.val_split, batch_size=config.eval_batch_size,
-                                     hierarchical=config.data.hierarchical, mesh=mesh)
-      val_ap, _ = metrics_lib.macro_average_precision(val["labels"], val["probs"])
-      val_metrics = {"val_loss": float(val["loss"].mean()), "val_macro_ap": float(val_ap)}
-      writer.write(step, val_metrics)
-      _log(f"step {step}: val_loss {val_metrics['val_loss']:.4f} val_macro_ap {val_ap:.4f}")
-      ckpt.save(step, checkpointing.to_checkpoint_tree(nnx.to_pure_dict(state)),
-                data_iterator=train_iter, meta={**meta_base, "step": step}, metrics=val_metrics)
-      t_window, window_steps = time.perf_counter(), 0
-  ckpt.wait()
-  writer.write(total_steps, {"train_seconds": time.perf_counter() - t_start})
+  stopped_at = None
 
-  # The thesis keeps the weights of the epoch with the lowest validation loss (section 3.2.1).
+  def check_pending() -> dict[str, Any] | None:
+    """Fetches metrics of the steps run since the last check; raises on non-finite ones."""
+    fetched = jax.device_get([m for _, m in pending])
+    last = None
+    for (s, _), m in zip(pending, fetched):
+      if not bool(m["finite"]):
+        quantity = ("loss" if not math.isfinite(float(m["loss"])) else
+                    "gradient norm" if not math.isfinite(float(m["grad_norm"])) else
+                    "parameter norm after the update")
+        if config.nan_policy == "stop":
+          raise NonFiniteError(
+              f"step {s}: non-finite {quantity} (loss {float(m['loss'])}, gradient norm "
+              f"{float(m['grad_norm'])}, parameter norm {float(m['param_norm'])}); training "
+              f"stopped; last good checkpoint: step "
+              f"{ckpt.latest_step()} in {ckpt.directory}")
+        _log(f"step {s}: non-finite {quantity}; update skipped (config.nan_policy='skip')")
+      last = m
+    pending.clear()
+    return last
+
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = sharding_lib.global_batch(next(train_iter), mesh)
+      if compiled_step is None:
+        # Compile ahead of time once: the compiled program also gives the FLOPs per step.
+        compiled_step = train_step.lower(state, batch).compile()
+        flops_per_step = _compiled_flops(compiled_step)
+      profiler.before_step(step)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, step_metrics = compiled_step(state, batch)
+      profiler.after_step(step, step_metrics)
+      pending.append((step, step_metrics))
+      window_steps += 1
+      is_eval = step % eval_every == 0 or step == total_steps
+      is_checkpoint = is_eval or step % checkpoint_every == 0
+      preempted = preemption.should_stop()
+      if step % config.log_every_steps == 0 or step == total_steps or is_checkpoint or preempted:
+        last = check_pending()
+        if last is not None and (step % config.log_every_steps == 0 or step == total_steps):
+          elapsed = time.perf_counter() - t_window
+          steps_per_s = window_steps / elapsed
+          row = {k: v for k, v in last.items() if k != "finite"}
+          row.update(steps_per_second=steps_per_s, images_per_second=steps_per_s * config.batch_size,
+                     epoch=step / steps_per_epoch)
+          if flops_per_step:
+            row["tflops_per_second"] = flops_per_step * steps_per_s / 1e12
+            peak = _peak_flops(jax.devices()[0])
+            if peak:
+              row["mfu"] = flops_per_step * steps_per_s / (peak * jax.device_count())
+          writer.write(step, row)
+          eta = (total_steps - step) / max(steps_per_s, 1e-9)
+          _log(f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} loss "
+               f"{float(last['loss']):.4f} {steps_per_s * config.batch_size:.0f} img/s eta {eta:.0f}s")
+          t_window, window_steps = time.perf_counter(), 0
+      val_metrics = None
+      if is_eval:
+        val = evaluation.predict_split(eval_step, state, data_dir=config.data.dir,
+                                       split=config.data.val_split, batch_size=config.eval_batch_size,
+                                       hierarchical=config.data.hierarchical, mesh=mesh)
+        val_ap, _ = metrics_lib.macro_average_precision(val["labels"], val["probs"])
+        val_metrics = {"val_loss": float(val["loss"].mean()), "val_macro_ap": float(val_ap)}
+        writer.write(step, val_metrics)
+        _log(f"step {step}: val_loss {val_metrics['val_loss']:.4f} val_macro_ap {val_ap:.4f}")
+      if is_checkpoint or preempted:
+        ckpt.save(step, checkpointing.to_checkpoint_tree(nnx.to_pure_dict(state)),
+                  data_iterator=train_iter, meta={**meta_base, "step": step}, metrics=val_metrics,
+                  force=True)
+        t_window, window_steps = time.perf_counter(), 0
+      if preempted:
+        stopped_at = step
+        break
+    ckpt.wait()
+  finally:
+    preemption.close()
+    writer.flush()
+  if stopped_at is not None:
+    _log(f"preempted (SIGTERM): checkpoint saved at step {stopped_at}; rerun the same command to "
+         f"continue")
+    writer.close()
+    ckpt.close()
+    return {"preempted": True, "step": stopped_at}
+  writer.write(total_steps, {"train_seconds": time.perf_counter() - t_start})
+  writer.close()
+  ckpt.close()
+  return {"preempted": False, "step": total_steps}
+
+
+def _compiled_flops(compiled) -> float | None:
+  try:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+      analysis = analysis[0]
+    flops = float(analysis.get("flops", 0.0))
+    return flops if flops > 0 else None
+  except Exception:  # pylint: disable=broad-except
+    return None  # cost analysis is best effort: not every backend provides it
+
+
+def evaluate_best(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The thesis keeps the weights of the epoch with the lowest validation loss (section 3.2.1):
+  tunes per-class thresholds with them and evaluates them on the test split."""
+  workdir = os.path.abspath(workdir)
+  manifest = manifest_lib.read(config.data.dir)
+  train_info = manifest.split(config.data.train_split, where=config.data.dir)
+  mesh = sharding_lib.make_mesh(config.mesh.get("num_devices"))
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True,
+                                    best_metric=config.checkpoint.best_metric,
+                                    best_mode=config.checkpoint.best_mode)
   best_step = ckpt.best_step() or ckpt.latest_step()
+  task = task_lib.build(config, manifest, total_steps=max(best_step, 1))
+  placement = Placement(mesh, task.state)
+  eval_step = steps_lib.make_eval_step(task, state_sharding=placement.state,
+                                       batch_sharding=placement.batch)
   state = restore_state(ckpt, best_step, task, placement)
+  train_frequencies = train_info.positives(config.data.hierarchical) / train_info.num_examples
   thresholds = tune_thresholds(config, workdir, eval_step, state, mesh, task.label_names, best_step)
   test = evaluation.predict_split(eval_step, state, data_dir=config.data.dir,
                                   split=config.data.test_split, batch_size=config.eval_batch_size,
@@ -199,9 +403,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   evaluation.write_json(os.path.join(workdir, "eval", f"{config.data.test_split}_step{best_step}.json"),
                         result)
   evaluation.write_json(os.path.join(workdir, "results.json"), result)
-  writer.write(total_steps, {f"test_{k}": v for k, v in result.items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
-  writer.close()
   ckpt.close()
   if jax.process_index() == 0:
     print(f"\nTest split {config.data.test_split!r}, best checkpoint (step {best_step}, "
@@ -215,6 +416,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{tuned['f1']['micro']:.4f}, macro precision {tuned['precision']['macro']:.4f}, "
             f"macro recall {tuned['recall']['macro']:.4f}", flush=True)
   return result
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The main job: train, then (unless preempted) evaluate the best checkpoint on the test split."""
+  outcome = train(config, workdir)
+  if outcome["preempted"]:
+    return outcome
+  return evaluate_best(config, workdir)
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -18,9 +18,11 @@ model_cfg keys (all present in `default_model_config()`):
                      (see `depthwise.py`).
   width_multiplier   when not None, overrides the variant's width (e.g. a reduced B0 for demos).
   depth_multiplier   when not None, overrides the variant's depth.
-
-Inputs are NHWC float32 images scaled to [0, 1] then normalised with ImageNet's mean/std
-(`IMAGENET_MEAN`, `IMAGENET_STD`).
+  input_normalization  how the input pipeline normalises pixels for this model (`model.input_normalization`,
+                     read by `pipeline.normalize_images`): "imagenet" (scale to [0, 1], then ImageNet's
+                     mean/std, `IMAGENET_MEAN`, `IMAGENET_STD`), "lite" ((pixel - 127) / 128, what the
+                     EfficientNet-Lite ImageNet weights expect), or None = "imagenet" for a random init
+                     and whatever the weights expect for a pretrained init (`pretrained.py`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from wikitopics_jax.models.efficientnet import (
     IMAGENET_CLASSES,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    INPUT_NORMALIZATIONS,
     VARIANTS,
     EfficientNet,
     Layer,
@@ -48,12 +51,14 @@ from wikitopics_jax.models.efficientnet import (
     initialise,
     last_layers_filter,
     layer_groups,
+    set_trainable_layers,
 )
 from wikitopics_jax.registry import Registry
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "MODELS", "EfficientNet", "Layer", "count_parameters",
-    "create_model", "default_model_config", "last_layers_filter", "layer_groups",
+    "IMAGENET_MEAN", "IMAGENET_STD", "INPUT_NORMALIZATIONS", "MODELS", "EfficientNet", "Layer",
+    "count_parameters", "create_model", "default_model_config", "last_layers_filter", "layer_groups",
+    "set_trainable_layers",
 ]
 
 MODELS = Registry("model")
@@ -72,6 +77,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       "depthwise_impl": "auto",
       "width_multiplier": None,
       "depth_multiplier": None,
+      "input_normalization": None,
   })
 
 
@@ -86,7 +92,7 @@ def _build_efficientnet(variant_name: str, cfg: ml_collections.ConfigDict, *, nu
       lambda init_rngs: EfficientNet(
           architecture, head=cfg.head, num_labels=num_labels, dropout_rate=dropout,
           image_size=cfg.image_size, dtype=_DTYPES[cfg.dtype], depthwise_impl=cfg.depthwise_impl,
-          rngs=init_rngs),
+          input_normalization=cfg.input_normalization, rngs=init_rngs),
       rngs)
 
 
@@ -116,6 +122,8 @@ def _checked(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     fail("dtype", f"must be one of {list(_DTYPES)}")
   if cfg.depthwise_impl not in depthwise.IMPLS:
     fail("depthwise_impl", f"must be one of {list(depthwise.IMPLS)}")
+  if cfg.input_normalization is not None and cfg.input_normalization not in INPUT_NORMALIZATIONS:
+    fail("input_normalization", f"must be None or one of {list(INPUT_NORMALIZATIONS)}")
   for key in ("dropout_rate", "drop_connect_rate"):
     if cfg[key] is not None and not (isinstance(cfg[key], (int, float)) and 0 <= cfg[key] < 1):
       fail(key, "must be None or in [0, 1)")

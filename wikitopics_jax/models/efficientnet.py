@@ -15,9 +15,11 @@ The SE bottleneck is `max(1, int(block_input_filters * 0.25))`.
 Lite variants follow the TF EfficientNet-Lite reference (`efficientnet_lite_builder.py`): ReLU6, no SE,
 stem (32) and top (1280) channels not scaled, and the first and last stages' repeats not scaled.
 
-Inputs: NHWC float32 images, already normalised: pixels scaled to [0, 1], then
-`(x - IMAGENET_MEAN) / IMAGENET_STD` per channel. This is what Keras's EfficientNet does inside the
-model (Rescaling + Normalization) for its ImageNet weights; here it is the input pipeline's job.
+Inputs: NHWC float32 images, already normalised by the input pipeline as the model's
+`input_normalization` says (`pipeline.normalize_images`): None or "imagenet" = pixels scaled to
+[0, 1], then `(x - IMAGENET_MEAN) / IMAGENET_STD` per channel (what Keras's EfficientNet does inside the
+model for its ImageNet weights); "lite" = `(pixel - 127) / 128`, what the TF EfficientNet-Lite
+ImageNet weights expect (`pretrained.load_imagenet` sets it).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from wikitopics_jax.models.depthwise import DepthwiseConv
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INPUT_NORMALIZATIONS = ("imagenet", "lite")
 
 HEADS = ("thesis", "gap", "imagenet")
 BN_MOMENTUM = 0.99
@@ -299,9 +302,25 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def _batch_norm(features: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
+class BatchNorm(nnx.BatchNorm):
+  """`nnx.BatchNorm` that can be frozen: then it always normalises with its running statistics and
+  never updates them, also in train mode (what Keras does for a BatchNormalization layer with
+  trainable=False). `model.train()` / `model.eval()` leave `frozen` alone; `set_trainable_layers`
+  sets it."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.frozen = False
+
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    if self.frozen:
+      use_running_average = True
+    return super().__call__(x, use_running_average, mask=mask)
+
+
+def _batch_norm(features: int, dtype, rngs: nnx.Rngs) -> BatchNorm:
   # param_dtype float32: scale/bias and the running statistics stay float32 under bf16 compute.
-  return nnx.BatchNorm(features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
+  return BatchNorm(features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
                        param_dtype=jnp.float32, scale_init=ONES, bias_init=ZEROS,
                        scale_metadata=init_metadata(ONES), bias_metadata=init_metadata(ZEROS),
                        rngs=rngs)
@@ -430,7 +449,8 @@ def feature_map_size(image_size: int, architecture: Architecture) -> int:
 class EfficientNet(nnx.Module):
   """Base model (`stem`, `blocks`, `top`) plus a classifier `head`.
 
-  `__call__(x)`: x is NHWC float32, normalised as the module docstring says; returns float32 logits
+  `__call__(x)`: x is NHWC float32, normalised as `input_normalization` says (see the module
+  docstring; None = "imagenet", to be fixed by a pretrained init); returns float32 logits
   (B, num_labels). `model.train()` / `model.eval()` switch BatchNorm (batch vs running statistics),
   dropout and stochastic depth; the module starts in train mode (NNX's default). Random masks come
   from 'dropout' streams forked into the model at construction, so they are part of its state.
@@ -438,9 +458,10 @@ class EfficientNet(nnx.Module):
 
   def __init__(self, architecture: Architecture, *, head: str, num_labels: int,
                dropout_rate: float, image_size: int | None, dtype, depthwise_impl: str,
-               rngs: nnx.Rngs):
+               input_normalization: str | None = None, rngs: nnx.Rngs):
     self.architecture = architecture
     self.dtype = dtype
+    self.input_normalization = input_normalization  # Read by the train/eval steps.
     act = architecture.activation
     self.stem = ConvBNAct(3, architecture.stem_filters, 3, 2, activation=act, dtype=dtype,
                           rngs=rngs)
@@ -548,4 +569,26 @@ def last_layers_filter(model: EfficientNet, num_layers: int) -> Callable[[tuple,
       return False
     return any(tuple(path[:len(p)]) == p for p in prefixes)
 
+  return selected
+
+
+def set_trainable_layers(model: EfficientNet, num_layers: int | None) -> Any:
+  """Makes only the head and the base model's last `num_layers` layers trainable (None = all).
+
+  Freezes (see `BatchNorm`) every BatchNorm layer outside those layers, so their running statistics
+  stay as they are, unfreezes the others, and returns the NNX filter of the trainable Params
+  (`last_layers_filter`, or `nnx.Param` for None) for `nnx.Optimizer(model, tx, wrt=...)`: frozen
+  Params then get neither updates nor optimiser state.
+  """
+  layers = layer_groups(model)
+  selected = nnx.Param if num_layers is None else last_layers_filter(model, num_layers)
+  first_trainable = 0 if num_layers is None else len(layers) - num_layers
+  for index, layer in enumerate(layers):
+    if layer.path is None:
+      continue
+    module = model
+    for step in layer.path:
+      module = module[step] if isinstance(step, int) else getattr(module, step)
+    if isinstance(module, BatchNorm):
+      module.frozen = index < first_trainable
   return selected
