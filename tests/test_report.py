@@ -28,22 +28,23 @@ def _no_sleep(seconds):
 
 def test_evaluate_all_writes_every_checkpoint_and_a_table(run):
   workdir, _ = run
-  results = evaluate_job.evaluate(workdir, checkpoint="all", split="val")
+  # On test: the report test then reuses the saved predictions of the best checkpoint.
+  results = evaluate_job.evaluate(workdir, checkpoint="all", split="test")
   assert [r["checkpoint_step"] for r in results] == STEPS
   for step in STEPS:
     for suffix in (".json", ".md", ".predictions.npz"):
-      assert os.path.exists(evaluate_job.eval_path(workdir, "val", step, suffix))
-    saved = evaluate_job.load_predictions(workdir, "val", step)
-    assert saved["probs"].shape == (32, 31)
+      assert os.path.exists(evaluate_job.eval_path(workdir, "test", step, suffix))
+    saved = evaluate_job.load_predictions(workdir, "test", step)
+    assert saved["probs"].shape == (48, 31)
   assert all(r["ground_truth"] == "heuristic" for r in results)
-  markdown = open(evaluate_job.eval_path(workdir, "val", 12, ".md")).read()
+  markdown = open(evaluate_job.eval_path(workdir, "test", 12, ".md")).read()
   assert "heuristic labels" in markdown and "| macro AP |" in markdown
-  table = json.load(open(os.path.join(workdir, "eval", "val_checkpoints.json")))
+  table = json.load(open(os.path.join(workdir, "eval", "test_checkpoints.json")))
   assert [row["step"] for row in table["checkpoints"]] == STEPS
-  summary = open(os.path.join(workdir, "eval", "val_checkpoints.md")).read()
+  summary = open(os.path.join(workdir, "eval", "test_checkpoints.md")).read()
   assert summary.count("\n| ") == len(STEPS) + 1  # Header and one row per checkpoint.
   # The metrics are those of the saved predictions.
-  saved = evaluate_job.load_predictions(workdir, "val", 8)
+  saved = evaluate_job.load_predictions(workdir, "test", 8)
   expected, _ = metrics.macro_average_precision(saved["labels"], saved["probs"])
   assert results[1]["macro_ap"] == pytest.approx(expected)
 

@@ -7,9 +7,9 @@ Folder images are decoded exactly as the dataset ingest decodes them (`image_dec
 same way for every file: EXIF orientation applied, any mode converted to RGB (transparent pixels on
 white), and by default ("squash") the whole image resized to image_size x image_size without cropping
 (aspect ratio not kept, as Keras's `target_size` did in the thesis) with Pillow's antialiasing bicubic
-filter; `resize="center_crop"` cuts the centre square instead. Use the method the training data was
-ingested with. An image already of the model's size is used as is, so the dataset's own PNG/JPEG files
-give the dataset's pixels.
+filter; "center_crop" cuts the centre square instead. By default the method is the one the training
+data was ingested with (recorded in its manifest). An image already of the model's size is used as
+is, so the dataset's own PNG/JPEG files give the dataset's pixels.
 
 Output (process 0 writes it, atomically: a temporary file renamed into place): one row per image with
   id            path relative to the folder, or the record's id
@@ -101,8 +101,9 @@ class PredictionRun:
 
 def predict(workdir: str, *, out_path: str, images_dir: str | None = None, data_dir: str | None = None,
             split: str | None = None, checkpoint: str | int = "best", thresholds: str | None = "saved",
-            coherent: bool = False, jsonl: bool = False, resize: str = "squash",
-            batch_size: int | None = None, config_override: ml_collections.ConfigDict | None = None) -> PredictionRun:
+            coherent: bool = False, jsonl: bool = False, resize: str | None = None,
+            batch_size: int | None = None,
+            config_override: ml_collections.ConfigDict | None = None) -> PredictionRun:
   """Predicts every image of a folder (images_dir) or of a dataset split (data_dir and split).
 
   Args:
@@ -116,56 +117,70 @@ def predict(workdir: str, *, out_path: str, images_dir: str | None = None, data_
     coherent: make the predictions respect the taxonomy (module docstring).
     jsonl: write JSON lines instead of Parquet.
     resize: how folder images are brought to the model's size, "squash" or "center_crop"
-      (`image_decoding.RESIZE_METHODS`): the method the training data was ingested with.
+      (`image_decoding.RESIZE_METHODS`); None: the method the training data was ingested with (its
+      manifest's info["settings"]["resize"]), else "squash".
     batch_size: global batch (default config.eval_batch_size; divisible by the number of devices).
+    config_override: the config to use instead of the workdir's config.json.
   """
+  # Bad requests fail before the model is built.
   if (images_dir is None) == (split is None):
     raise InputError("predict needs either images_dir, or data_dir and split")
   if split is not None and data_dir is None:
     raise InputError("predict: split given without data_dir")
-  files = list_image_files(images_dir) if images_dir is not None else None  # Bad input fails early.
+  if resize is not None and resize not in image_decoding.RESIZE_METHODS:
+    raise InputError(f"resize={resize!r} is not one of {image_decoding.RESIZE_METHODS}")
+  files = list_image_files(images_dir) if images_dir is not None else None
   model = evaluate_job.RestoredModel(workdir, config_override=config_override)
-  config = model.config
   step = model.resolve_step(checkpoint)
   state = model.restore(step)
-  batch_size = batch_size or config.eval_batch_size
-  taxonomy = model.manifest.taxonomy
+  batch_size = batch_size or model.config.eval_batch_size
+  truth, failed = None, []
   if images_dir is not None:
-    settings = image_decoding.DecodeSettings(size=model.manifest.image_shape[0], resize=resize)
+    ingested_with = model.manifest.info.get("settings") or {}
+    settings = image_decoding.DecodeSettings(size=model.manifest.image_shape[0],
+                                             resize=resize or ingested_with.get("resize", "squash"))
     probs, rows, failed = _predict_folder(model, state, images_dir, files, batch_size, settings)
-    truth = None
+    source = os.path.abspath(images_dir)
   else:
     probs, rows, truth = _predict_split(model, state, data_dir, split, batch_size)
-    failed = []
+    source = f"{os.path.abspath(data_dir)}:{split}"
   threshold_values, threshold_source = evaluate_job.resolve_thresholds(
       model.workdir, thresholds, model.label_names, step)
-  if coherent:
-    probs = np.asarray(hierarchy.make_coherent(probs, taxonomy.ancestor_matrix), np.float32)
-  predicted = metrics_lib.predict_labels(probs, threshold_values)
-  if coherent:
-    predicted = taxonomy.close(predicted.astype(np.uint8)).astype(bool)
+  probs, predicted = label_predictions(probs, threshold_values, model.manifest.taxonomy, coherent=coherent)
   run = PredictionRun(out_path=os.path.abspath(out_path), num_images=len(rows), failed=failed,
                       checkpoint_step=step, thresholds_source=threshold_source, coherent=coherent)
-  if jax.process_index() == 0:
-    metadata = {"workdir": model.workdir, "checkpoint_step": step, "thresholds": threshold_source,
-                # +inf ("never predict") as None: the metadata stays strict JSON.
-                "threshold_values": [None if not math.isfinite(t) else t for t in
-                                     np.broadcast_to(threshold_values, (len(model.label_names),)).tolist()],
-                "coherent": coherent, "labels": list(model.label_names),
-                "image_size": model.manifest.image_shape[0],
-                "source": os.path.abspath(images_dir) if images_dir else f"{os.path.abspath(data_dir)}:{split}",
-                "failed_files": [{"file": name, "reason": reason} for name, reason in failed]}
-    names = [[model.label_names[j] for j in np.flatnonzero(row)] for row in predicted]
-    truth_names = (None if truth is None else
-                   [[model.label_names[j] for j in np.flatnonzero(row)] for row in truth])
-    writer = _write_jsonl if jsonl else _write_parquet
-    writer(run.out_path, rows, probs, names, truth_names, model.label_names, metadata)
-    print(f"{run.out_path}: {run.num_images} images, checkpoint step {step}, thresholds "
-          f"{threshold_source}{', coherent' if coherent else ''}", flush=True)
-    if failed:
-      print(f"{len(failed)} unreadable files skipped:\n" +
-            "\n".join(f"  {name}: {reason}" for name, reason in failed), flush=True)
+  if jax.process_index() != 0:
+    return run
+  label_names = model.label_names
+  per_label = np.broadcast_to(np.asarray(threshold_values, np.float64), (len(label_names),))
+  metadata = {"workdir": model.workdir, "checkpoint_step": step, "source": source,
+              "thresholds": threshold_source,
+              # +inf ("never predict") as None: the metadata stays strict JSON.
+              "threshold_values": [float(t) if math.isfinite(t) else None for t in per_label],
+              "coherent": coherent, "labels": list(label_names), "image_size": model.manifest.image_shape[0],
+              "failed_files": [{"file": name, "reason": reason} for name, reason in failed]}
+  names = [[label_names[j] for j in np.flatnonzero(row)] for row in predicted]
+  truth_names = None if truth is None else [[label_names[j] for j in np.flatnonzero(row)] for row in truth]
+  writer = _write_jsonl if jsonl else _write_parquet
+  writer(run.out_path, rows, probs, names, truth_names, label_names, metadata)
+  print(f"{run.out_path}: {run.num_images} images, checkpoint step {step}, thresholds "
+        f"{threshold_source}{', coherent' if coherent else ''}", flush=True)
+  if failed:
+    print(f"{len(failed)} unreadable files skipped:\n" +
+          "\n".join(f"  {name}: {reason}" for name, reason in failed), flush=True)
   return run
+
+
+def label_predictions(probs: np.ndarray, thresholds, taxonomy, *, coherent: bool
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """(probabilities to report, predicted (N, L) bool): thresholded, or coherent (module docstring)."""
+  if coherent:
+    probs = np.asarray(hierarchy.make_coherent(probs, taxonomy.ancestor_matrix), np.float32)
+  predicted = metrics_lib.predict_labels(probs, thresholds)
+  if coherent:
+    # Per-class thresholds can drop a parent whose child passed.
+    predicted = taxonomy.close(predicted.astype(np.uint8)).astype(bool)
+  return probs, predicted
 
 
 # ---------------------------------------------------------------------------------------------------

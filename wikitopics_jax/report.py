@@ -13,7 +13,7 @@ Contents (thesis figure numbers in brackets; `metrics.evaluate_predictions` defi
   F1 per class before and after threshold moving [4.4];
   predicted label distribution next to the ground truth's [5.1];
   AP against the label's training frequency [5.2];
-  precision-recall curves per label, AP and its ratio to a random ranking in the legend [5.3];
+  precision-recall curves per label, AP and its ratio to a random ranking in each title [5.3];
   the images with the highest probability per label, with their ground-truth labels [5.4-5.11];
   likely missing labels: predicted labels absent from the ground truth, most confident first.
 
@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 from matplotlib import ticker
@@ -406,14 +407,15 @@ def plot_top_predictions(label: str, rows: list[dict[str, Any]], path: str, *, c
 
 
 _CSS = """
-body { font-family: sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
+body { font-family: sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1400px; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f0f0f0; } td.name, th.name { text-align: left; }
 figure { margin: 1em 0 2em; } figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 0.9em; color: #555; }
 .banner { padding: 0.6em 1em; margin: 1em 0; border-left: 5px solid; }
-.heuristic { background: #fff4e0; border-color: #e69500; } .human { background: #e8f6e8; border-color: #2e8b57; }
+.heuristic { background: #fff4e0; border-color: #e69500; }
+.human { background: #e8f6e8; border-color: #2e8b57; }
 img.thumb { width: 96px; height: 96px; image-rendering: pixelated; object-fit: contain; }
 .grid { display: flex; flex-wrap: wrap; gap: 1em; } .grid figure { width: 420px; margin: 0; }
 nav a { margin-right: 1em; }
@@ -471,7 +473,8 @@ def _summary_tables(results: dict[str, dict[str, Any]]) -> str:
                f"{_cell(first['labels_per_image']['true'])})",
                *(r["labels_per_image"]["predicted"] for r in results.values())])
   if "hierarchy_violation_rate" in first:
-    rows.append(["images violating the hierarchy", *(r["hierarchy_violation_rate"] for r in results.values())])
+    rows.append(["images violating the hierarchy",
+                 *(r["hierarchy_violation_rate"] for r in results.values())])
   return _table(["metric", *rules], rows)
 
 
@@ -531,6 +534,9 @@ def build_report(workdir: str, *, split: str = "test", checkpoint: str | int = "
   split_info = manifest.split(split, where=config.data.dir)
   step = _checkpoint_step(workdir, config, checkpoint)
   predictions = _predictions(workdir, split, step, split_info.num_examples, config_override)
+  index = os.path.join(out_dir, "index.html")
+  if jax.process_index() != 0:
+    return index  # Every process helped evaluate; process 0 writes.
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
@@ -541,7 +547,8 @@ def build_report(workdir: str, *, split: str = "test", checkpoint: str | int = "
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
-  return os.path.join(out_dir, "index.html")
+  print(f"report of {split!r} at checkpoint step {step}: {index}", flush=True)
+  return index
 
 
 def _swap_into_place(staging: str, out_dir: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib
 import importlib.metadata
 import json
 import math
@@ -29,6 +30,10 @@ from typing import Any
 from wikitopics_jax import registry
 
 SUITES = registry.Registry("benchmark suite")
+# The default order of a full run; each module registers the suites it defines.
+SUITE_ORDER = ("train_step", "inference", "pipeline", "losses", "metrics", "resampling")
+SUITE_MODULES = ("model_suites", "pipeline_suite", "losses_suite", "metrics_suite",
+                 "resampling_suite")
 
 RATE_UNITS = ("images/s",)
 TIME_UNITS = {"s": 1.0, "ms": 1e3}
@@ -255,8 +260,15 @@ def versions() -> dict[str, str | None]:
 # Running and reporting
 
 
+def load_suites() -> None:
+  """Imports the suite modules (heavy: JAX, Grain, ...), which registers their suites."""
+  for module in SUITE_MODULES:
+    importlib.import_module(f"wikitopics_jax.bench.{module}")
+
+
 def run_suites(names: Sequence[str], ctx: Context) -> dict[str, Any]:
   """Runs the named suites in order; returns the report (what `write_json` writes)."""
+  load_suites()
   for name in names:
     SUITES.get(name)  # Unknown names fail before anything runs.
   report: dict[str, Any] = {
@@ -321,6 +333,12 @@ def _significant(x: float) -> str:
   return f"{x:.3g}"
 
 
+def machine_was_busy(report: dict[str, Any]) -> bool:
+  machine = report["machine"]
+  loads = [machine.get("load_average_at_start"), machine.get("load_average_at_end")]
+  return any(load and load[0] > machine["cores"] / 2 for load in loads)
+
+
 def markdown_table(report: dict[str, Any]) -> str:
   """The report as markdown: the machine, then one table of all rows, then skips and failures."""
   machine, vers = report["machine"], report["versions"]
@@ -331,6 +349,11 @@ def markdown_table(report: dict[str, Any]) -> str:
       f"{machine.get('load_average_at_start')}, at end {machine.get('load_average_at_end')}.",
       "Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items() if v) + ".",
       f"Mode: {report['settings']['mode']}{', tiny' if report['settings']['tiny'] else ''}.",
+  ]
+  if machine_was_busy(report):
+    lines.append("**Warning: the machine was busy (1-minute load average above half the cores); "
+                 "these figures are unreliable.**")
+  lines += [
       "",
       TABLE_HEADER,
       "",

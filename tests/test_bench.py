@@ -1,0 +1,206 @@
+"""The benchmark runner: every suite in --tiny mode, the rows and the report; the PyTorch twin model."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from wikitopics_jax.bench import model_suites
+from wikitopics_jax.bench import runner
+from wikitopics_jax.errors import InputError
+
+# One run of every suite (tiny) serves most tests below.
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("bench")
+  ctx = runner.Context(tiny=True, profile_dir=str(tmp / "profile"), log=lambda message: None)
+  report = runner.run_suites(runner.SUITE_ORDER, ctx)
+  path = str(tmp / "out" / "bench.json")
+  runner.write_json(report, path)
+  return report, path, str(tmp / "profile")
+
+
+def _rows(report, suite):
+  return [row for row in report["rows"] if row["suite"] == suite]
+
+
+def test_every_suite_runs_and_the_json_is_written(tiny_run):
+  report, path, _ = tiny_run
+  assert report["failed"] == []
+  assert {row["suite"] for row in report["rows"]} == set(runner.SUITE_ORDER)
+  with open(path) as f:
+    written = json.load(f)
+  assert len(written["rows"]) == len(report["rows"])
+  assert written["settings"]["tiny"] is True
+  machine = written["machine"]
+  assert machine["cores"] >= 1 and machine["cpu_model"] and machine["jax_devices"]
+  assert written["versions"]["jax"] == jax.__version__
+  assert written["date"].startswith("20")
+  table = runner.markdown_table(written)
+  assert "> 1 means ours is faster" in table
+  assert table.count("\n| ") == len(report["rows"]) + 1  # Header + one line per row.
+
+
+def test_rows_are_consistent(tiny_run):
+  report, _, _ = tiny_run
+  for row in report["rows"]:
+    assert row["measured"] and row["ours"] and row["unit"] in ("images/s", "s", "ms"), row
+    for key in ("ours_stats", "baseline_stats"):
+      stats = row[key]
+      if stats is None:
+        continue
+      assert stats["repeats"] == len(stats["samples"]) >= 1, row
+      assert stats["low"] <= stats["median"] <= stats["high"], row
+      assert all(math.isfinite(s) and s > 0 for s in stats["samples"]), row
+    if row["baseline_stats"] is None:
+      assert row["baseline"] is None and row["speedup"] is None
+      continue
+    ours, theirs = row["ours_stats"]["median"], row["baseline_stats"]["median"]
+    expected = ours / theirs if row["higher_is_better"] else theirs / ours
+    assert row["speedup"] == pytest.approx(expected), row
+    assert row["higher_is_better"] == (row["unit"] == "images/s")
+
+
+def test_model_suites_measure_the_depthwise_trick_and_flops(tiny_run):
+  report, _, _ = tiny_run
+  for suite in ("train_step", "inference"):
+    rows = _rows(report, suite)
+    assert any(row["baseline"] == "NNX, depthwise native (lax grouped conv)" for row in rows)
+    for row in rows:
+      extra = row["extra"]
+      assert extra["flops_per_step"] > 0 and extra["step_time_ms"] > 0
+      assert extra["mfu"] is None  # No peak for CPUs.
+      assert extra["step_time_ms"] == pytest.approx(
+          1e3 * extra["batch"] / row["ours_stats"]["median"])
+  skipped = {(s["suite"], s["what"]) for s in report["skipped"]}
+  assert ("train_step", "torch.compile") in skipped  # Off in --tiny mode, with a reason.
+
+
+def test_pytorch_baselines_run_when_torch_is_installed(tiny_run):
+  pytest.importorskip("torch")
+  report, _, _ = tiny_run
+  for suite in ("train_step", "inference"):
+    baselines = {row["baseline"] for row in _rows(report, suite)}
+    assert {"PyTorch eager, NCHW", "PyTorch eager, channels_last"} <= baselines
+
+
+def test_numeric_baselines_agree_with_ours(tiny_run):
+  report, _, _ = tiny_run
+  checked = [row for row in _rows(report, "losses") if row["baseline_stats"] is not None]
+  assert len(checked) == 3  # BCE, C-HMCNN on 31 labels, MCLoss on the random DAG.
+  for row in checked:
+    assert row["extra"]["loss_abs_diff"] < 1e-5
+    assert row["extra"]["grad_max_abs_diff"] < 1e-4 * row["extra"]["grad_max_abs"]
+  assert "extrapolated" in checked[-1]["note"] and checked[-1]["baseline_stats"]["extrapolated"]
+  (ap_row,) = _rows(report, "metrics")
+  assert ap_row["extra"]["ap_max_abs_diff"] < 1e-9
+  resampling = _rows(report, "resampling")
+  assert len(resampling) == 4 and all(r["extra"]["same_result_on_subset"] for r in resampling)
+  assert sum(r["baseline_stats"]["extrapolated"] for r in resampling) == 2
+  assert len(_rows(report, "pipeline")) == (3 if runner.core_count() > 1 else 2)
+
+
+def test_profile_has_annotated_train_steps(tiny_run):
+  _, _, profile_dir = tiny_run
+  assert glob.glob(os.path.join(profile_dir, "plugins", "profile", "*", "*.xplane.pb"))
+
+
+def test_model_suite_without_torch_skips_the_baselines(monkeypatch):
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError.
+  ctx = runner.Context(tiny=True, log=lambda message: None)
+  report = runner.run_suites(["inference"], ctx)
+  assert report["failed"] == []
+  assert {row["baseline"] for row in report["rows"]} == {"NNX, depthwise native (lax grouped conv)"}
+  assert any("PyTorch is not installed" in s["reason"] for s in report["skipped"])
+
+
+def test_failing_baseline_is_skipped_with_its_reason():
+  skipped = []
+
+  def broken():
+    raise RuntimeError("no compiler\nsecond line")
+
+  stats = runner.measure_alternating(
+      [runner.Candidate("ours", lambda: None, work=10), runner.Candidate("broken", broken)],
+      repeats=3, unit="images/s", on_failure=lambda c, why: skipped.append((c.name, why)))
+  assert list(stats) == ["ours"] and stats["ours"][0].repeats == 3
+  assert skipped == [("broken", "RuntimeError: no compiler")]
+  with pytest.raises(RuntimeError):
+    runner.measure_alternating([runner.Candidate("broken", broken)], repeats=1, unit="s")
+
+
+def test_unknown_suite_lists_the_valid_names():
+  with pytest.raises(InputError, match="unknown benchmark suite 'nope'.*losses"):
+    runner.run_suites(["nope"], runner.Context(tiny=True))
+
+
+def test_peak_flops_table_and_compiled_flops():
+  assert model_suites.peak_flops("NVIDIA H200", "bfloat16") == 989e12
+  assert model_suites.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
+  assert model_suites.peak_flops("TPU v5 lite", "bfloat16") == 197e12
+  assert model_suites.peak_flops("TPU v5", "bfloat16") == 459e12
+  assert model_suites.peak_flops("NVIDIA H200", "float32") is None
+  assert model_suites.peak_flops("cpu", "bfloat16") is None
+  x = jax.numpy.ones((64, 64))
+  compiled = jax.jit(lambda a: a @ a).lower(x).compile()
+  assert model_suites.compiled_flops(compiled) == pytest.approx(2 * 64**3)
+
+
+def test_cli_writes_json(tmp_path):
+  out = tmp_path / "bench.json"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, "-m", "wikitopics_jax.bench", "--suites=metrics,resampling", "--tiny",
+       f"--out={out}"], cwd=root, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| metrics |" in proc.stdout and "| resampling |" in proc.stdout
+  report = json.loads(out.read_text())
+  assert [row["suite"] for row in report["rows"]] == ["metrics"] + ["resampling"] * 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# The PyTorch twin of our EfficientNet.
+
+
+def test_torch_efficientnet_has_our_parameter_count_and_logits():
+  torch = pytest.importorskip("torch")
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax import models  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.bench import torch_efficientnet  # pylint: disable=g-import-not-at-top
+
+  b0 = torch_efficientnet.create("efficientnet_b0", num_labels=1000)
+  assert torch_efficientnet.count_parameters(b0) == 5_288_548  # Keras's EfficientNetB0.
+  for labels in (31, 1000):
+    cfg = models.default_model_config()
+    cfg.update(name="efficientnet_b2", head="gap")
+    ours = nnx.eval_shape(lambda: models.create_model(cfg, num_labels=labels, rngs=nnx.Rngs(0)))
+    theirs = torch_efficientnet.create("efficientnet_b2", num_labels=labels)
+    assert torch_efficientnet.count_parameters(theirs) == models.count_parameters(ours)
+
+  cfg = models.default_model_config()
+  cfg.update(name="efficientnet_tiny", head="gap")
+  ours = models.create_model(cfg, num_labels=31, rngs=nnx.Rngs(0))
+  # Non-trivial BatchNorm statistics, so that copying them is checked too.
+  for _, variable in nnx.to_flat_state(nnx.state(ours, nnx.BatchStat)):
+    variable[...] = variable[...] + 0.1
+  theirs = torch_efficientnet.create("efficientnet_tiny", num_labels=31)
+  torch_efficientnet.load_nnx_weights(theirs, ours)
+  ours.eval()
+  theirs.eval()
+  # Even sizes pad asymmetrically at stride 2 (TF 'SAME'), odd ones symmetrically.
+  for size in (32, 33):
+    x = np.random.default_rng(size).normal(size=(2, size, size, 3)).astype(np.float32)
+    with torch.no_grad():
+      torch_logits = theirs(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(torch_logits, np.asarray(ours(jax.numpy.asarray(x))), atol=1e-5)
