@@ -130,3 +130,27 @@ def test_train_rows_of_two_processes_form_the_single_process_global_batch(data_d
     for i, part in enumerate(parts):
       seen[i] |= {r.tobytes() for r in part}
   assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 96
+
+
+def test_resampled_index_list_and_duplicate_augmentation(data_dir):
+  from wikitopics_jax import augment  # pylint: disable=g-import-not-at-top
+  truth = datasets.read_split(data_dir, "train")
+  indices = np.concatenate([np.arange(0, 96, 2), [1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15]])
+  is_duplicate = np.zeros(len(indices), bool)
+  is_duplicate[48:] = True  # the 16 copies: 64 examples -> 4 batches of 16 per epoch
+  plain = pipeline.train_dataset(data_dir, "train", batch_size=16, seed=0, hierarchical=False,
+                                 indices=indices, is_duplicate=is_duplicate)
+  it = iter(plain)
+  epoch = np.concatenate([next(it)["image"] for _ in range(4)])
+  expected = sorted(truth[i]["image"].tobytes() for i in indices)
+  assert sorted(r.tobytes() for r in epoch) == expected
+  augmented = pipeline.train_dataset(data_dir, "train", batch_size=16, seed=0, hierarchical=False,
+                                     indices=indices, is_duplicate=is_duplicate,
+                                     augmentations=[augment.DuplicateAugment(p_transpose=1.0)])
+  it = iter(augmented)
+  epoch_aug = np.concatenate([next(it)["image"] for _ in range(4)])
+  originals = {truth[i]["image"].tobytes() for i in indices}
+  changed = sum(r.tobytes() not in originals for r in epoch_aug)
+  assert changed == 16  # exactly the copies were transformed (transpose always applies)
+  again = np.concatenate([next(iter(augmented))["image"]])
+  np.testing.assert_array_equal(again, epoch_aug[:16])  # deterministic given the seed

@@ -23,6 +23,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.threshold_split = "threshold"
   c.data.test_split = "test"
   c.data.worker_count = 0             # Grain worker processes (0 = in the training process)
+  # Resampling of the training split as an index transformation (wikitopics_jax/resampling.py):
+  # method "none", "heuristic_under" (keep_fraction), "heuristic_over" (extra_fraction), "ml_rus",
+  # "ml_ros"; computed on the labels the model trains on (flat or hierarchical).
+  c.data.resampling = ml_collections.ConfigDict(
+      {"method": "none", "keep_fraction": 0.8, "extra_fraction": 0.2})
+  # "none" or "naive" (the thesis's zoom/rotation/shift/flip on every training image);
+  # augment_duplicates: the label-dependent augmentation on oversampled copies.
+  c.data.augment = "none"
+  c.data.augment_duplicates = False
 
   c.model = models.default_model_config()
   c.model.name = "efficientnet_b0"

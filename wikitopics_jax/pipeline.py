@@ -87,8 +87,26 @@ def _maybe_prefetch(ds: grain.IterDataset, worker_count: int) -> grain.IterDatas
   return ds
 
 
+class _ExampleOrder:
+  """Virtual training set: position i -> (record bytes, is it an oversampled copy)."""
+
+  def __init__(self, source, indices: np.ndarray | None, is_duplicate: np.ndarray | None):
+    self.source = source
+    self.indices = indices
+    self.is_duplicate = is_duplicate
+
+  def __len__(self) -> int:
+    return len(self.source) if self.indices is None else len(self.indices)
+
+  def __getitem__(self, i: int):
+    if self.indices is None:
+      return self.source[i], False
+    return self.source[int(self.indices[i])], bool(self.is_duplicate[i])
+
+
 class _GlobalBatchRows:
-  """Index k of this process -> the record it must read: its rows of each global batch.
+  """Index k of this process -> (record, is_duplicate, global position) of its rows of each global
+  batch.
 
   All processes shuffle the whole split with the same seed and take disjoint, contiguous row blocks
   of every global batch, so the global batch (and the training trajectory) does not depend on the
@@ -103,14 +121,42 @@ class _GlobalBatchRows:
 
   def __call__(self, k: int):
     batch, row = divmod(k, self.per_process)
-    return self.shuffled[batch * self.global_batch + self.offset + row]
+    position = batch * self.global_batch + self.offset + row
+    record, is_duplicate = self.shuffled[position]
+    return record, is_duplicate, position
+
+
+class _DecodeAndAugment(grain.transforms.Map):
+  """Decodes, then augments with a generator seeded by (seed, global position): the same images
+  for any number of processes or workers."""
+
+  def __init__(self, decode: DecodeExample, augmentations: list, seed: int):
+    self.decode = decode
+    self.augmentations = augmentations
+    self.seed = seed
+
+  def map(self, item):
+    record, is_duplicate, position = item
+    example = self.decode.map(record)
+    if self.augmentations:
+      example["is_duplicate"] = is_duplicate
+      rng = np.random.default_rng([self.seed, position])
+      for augmentation in self.augmentations:
+        example = augmentation.random_map(example, rng)
+      del example["is_duplicate"]
+      example["image"] = np.ascontiguousarray(example["image"])
+    return example
 
 
 def train_dataset(data_dir: str, split: str, *, batch_size: int, seed: int, hierarchical: bool,
-                  share: ProcessShare = ProcessShare(), worker_count: int = 0) -> grain.IterDataset:
+                  share: ProcessShare = ProcessShare(), worker_count: int = 0,
+                  indices: np.ndarray | None = None, is_duplicate: np.ndarray | None = None,
+                  augmentations: list | None = None) -> grain.IterDataset:
   """Infinite iterator of this process's `batch_size` rows of each global batch.
 
-  `get_state()`/`set_state()` resume at exactly the same batch.
+  indices / is_duplicate: a resampled training set (`resampling.resample`), as an index
+  transformation over the records (no copies on disk). augmentations: `augment` RandomMaps applied
+  in order. `get_state()`/`set_state()` resume at exactly the same batch.
   """
   manifest = manifest_lib.read(data_dir)
   info = manifest.split(split, where=data_dir)
@@ -118,15 +164,22 @@ def train_dataset(data_dir: str, split: str, *, batch_size: int, seed: int, hier
   if len(source) != info.num_examples:
     raise ValueError(f"{data_dir}: split {split!r} has {len(source)} records, manifest says "
                      f"{info.num_examples}")
-  if len(source) < batch_size * share.count:
-    raise ValueError(f"{data_dir}: split {split!r} has {len(source)} examples, fewer than one global "
+  if indices is not None:
+    indices = np.asarray(indices, np.int64)
+    is_duplicate = (np.zeros(len(indices), bool) if is_duplicate is None
+                    else np.asarray(is_duplicate, bool))
+    if len(indices) and (indices.min() < 0 or indices.max() >= len(source)):
+      raise ValueError(f"{data_dir}: resampled indices out of range for split {split!r}")
+  examples = _ExampleOrder(source, indices, is_duplicate)
+  if len(examples) < batch_size * share.count:
+    raise ValueError(f"{data_dir}: split {split!r} has {len(examples)} examples, fewer than one global "
                      f"batch of {batch_size * share.count}")
   decode = DecodeExample(hierarchical=hierarchical, source_name=f"{data_dir}:{split}",
                          image_shape=manifest.image_shape)
-  shuffled = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+  shuffled = grain.MapDataset.source(examples).shuffle(seed=seed).repeat(None)
   ds = (grain.MapDataset.range(len(shuffled))
         .map(_GlobalBatchRows(shuffled, batch_size, share))
-        .map(decode)
+        .map(_DecodeAndAugment(decode, list(augmentations or []), seed))
         .batch(batch_size, drop_remainder=True))
   return _maybe_prefetch(ds.to_iter_dataset(), worker_count)
 

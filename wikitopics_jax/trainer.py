@@ -7,6 +7,7 @@ and the data iterator's position); the dataset's taxonomy must equal the checkpo
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import os
@@ -21,12 +22,15 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from wikitopics_jax import augment
 from wikitopics_jax import checkpointing
 from wikitopics_jax import evaluation
+from wikitopics_jax import label_stats
 from wikitopics_jax import manifest as manifest_lib
 from wikitopics_jax import metric_writer
 from wikitopics_jax import metrics as metrics_lib
 from wikitopics_jax import pipeline
+from wikitopics_jax import resampling
 from wikitopics_jax import sharding as sharding_lib
 from wikitopics_jax import steps as steps_lib
 from wikitopics_jax import synthetic
@@ -100,6 +104,37 @@ def tune_thresholds(config, workdir, eval_step, state, mesh, label_names, step) 
               "per_subset": [[None if math.isnan(v) else float(v) for v in row]
                              for row in tuned.per_subset]})
   return tuned.thresholds
+
+
+def resample_training_set(config: ml_collections.ConfigDict) -> resampling.Resampled | None:
+  """config.data.resampling -> the resampled index list of the training split (None = no change)."""
+  params = config.data.resampling.to_dict()
+  method = params.pop("method")
+  if method == "none":
+    return None
+  flat, hier, _ = label_stats.read_split_labels(config.data.dir, config.data.train_split)
+  labels = hier if config.data.hierarchical else flat
+  defaults = {"keep_fraction": 0.8, "extra_fraction": 0.2}
+  accepted = set(inspect.signature(resampling.RESAMPLERS.get(method)).parameters)
+  kwargs = {k: v for k, v in params.items() if k in accepted or v != defaults.get(k)}
+  result = resampling.resample(method, labels, seed=config.seed, key_prefix="config.data.resampling",
+                               **kwargs)
+  before = label_stats.mean_ir(labels)
+  after = label_stats.mean_ir(labels[result.indices])
+  _log(f"resampling {method}: {len(labels)} -> {len(result.indices)} training examples "
+       f"({int(result.is_duplicate.sum())} copies); meanIR {before:.1f} -> {after:.1f}")
+  return result
+
+
+def augmentations_for(config: ml_collections.ConfigDict) -> list:
+  if config.data.augment not in ("none", "naive"):
+    raise InputError(f"config.data.augment={config.data.augment!r}; valid: 'none', 'naive'")
+  out = []
+  if config.data.augment == "naive":
+    out.append(augment.NaiveAugment())
+  if config.data.augment_duplicates:
+    out.append(augment.DuplicateAugment())
+  return out
 
 
 class NonFiniteError(FloatingPointError):
@@ -215,10 +250,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train_info = manifest.split(config.data.train_split, where=config.data.dir)
   mesh = sharding_lib.make_mesh(config.mesh.get("num_devices"))
   per_process_batch = sharding_lib.per_process_batch_size(config.batch_size, mesh)
-  steps_per_epoch = train_info.num_examples // config.batch_size
+  resampled = resample_training_set(config)
+  num_train_examples = train_info.num_examples if resampled is None else len(resampled.indices)
+  steps_per_epoch = num_train_examples // config.batch_size
   if steps_per_epoch == 0:
     raise InputError(f"config.batch_size={config.batch_size} is larger than the training split "
-                     f"({train_info.num_examples} examples)")
+                     f"({num_train_examples} examples)")
   total_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_steps or steps_per_epoch
   checkpoint_every = config.checkpoint.every_steps or eval_every
@@ -236,7 +273,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train_iter = iter(pipeline.train_dataset(
       config.data.dir, config.data.train_split, batch_size=per_process_batch, seed=config.seed,
       hierarchical=config.data.hierarchical, share=sharding_lib.process_share(),
-      worker_count=config.data.worker_count))
+      worker_count=config.data.worker_count,
+      indices=None if resampled is None else resampled.indices,
+      is_duplicate=None if resampled is None else resampled.is_duplicate,
+      augmentations=augmentations_for(config)))
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     keep_latest=config.checkpoint.keep_latest,
                                     best_metric=config.checkpoint.best_metric,
