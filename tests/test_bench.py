@@ -115,12 +115,15 @@ def test_profile_has_annotated_train_steps(tiny_run):
   assert glob.glob(os.path.join(profile_dir, "plugins", "profile", "*", "*.xplane.pb"))
 
 
-def test_model_suite_without_torch_skips_the_baselines(monkeypatch):
+def test_accelerator_mode_without_torch(monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError.
-  ctx = runner.Context(tiny=True, log=lambda message: None)
+  ctx = runner.Context(tiny=True, mode="accelerator", log=lambda message: None)
   report = runner.run_suites(["inference"], ctx)
   assert report["failed"] == []
-  assert {row["baseline"] for row in report["rows"]} == {"NNX, depthwise native (lax grouped conv)"}
+  (row,) = report["rows"]  # Ours alone: no native-vs-shifted row off CPU, no PyTorch.
+  assert row["baseline"] is None and row["extra"]["dtype"] == "bfloat16"
+  assert row["extra"]["flops_per_step"] > 0 and row["extra"]["mfu"] is None  # CPU: peak unknown.
+  assert "MFU: peak unknown" in row["note"]
   assert any("PyTorch is not installed" in s["reason"] for s in report["skipped"])
 
 
@@ -135,8 +138,9 @@ def test_failing_baseline_is_skipped_with_its_reason():
       repeats=3, unit="images/s", on_failure=lambda c, why: skipped.append((c.name, why)))
   assert list(stats) == ["ours"] and stats["ours"][0].repeats == 3
   assert skipped == [("broken", "RuntimeError: no compiler")]
-  with pytest.raises(RuntimeError):
-    runner.measure_alternating([runner.Candidate("broken", broken)], repeats=1, unit="s")
+  with pytest.raises(RuntimeError):  # Ours (the first) failing is an error, not a skip.
+    runner.measure_alternating([runner.Candidate("broken", broken)], repeats=1, unit="s",
+                               on_failure=lambda c, why: skipped.append(c.name))
 
 
 def test_unknown_suite_lists_the_valid_names():

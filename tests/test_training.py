@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import jax
 import ml_collections
@@ -11,23 +12,16 @@ from sklearn.metrics import average_precision_score
 
 from tests import datasets
 from wikitopics_jax import checkpointing
-from wikitopics_jax import configlib
 from wikitopics_jax import evaluate_job
 from wikitopics_jax import trainer
 from wikitopics_jax.errors import InputError
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 
 def tiny_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
-  c = configlib.base_config()
-  c.data.dir = data_dir
-  c.data.synthetic = None
-  c.model.name = "efficientnet_tiny"
-  c.model.head = "gap"
-  c.batch_size = 32
-  c.eval_batch_size = 32
-  c.num_epochs = 2
-  c.log_every_steps = 1
-  c.checkpoint.keep_latest = 1
+  c = tiny.get_config(data_dir)
   c.update_from_flattened_dict(overrides)
   return c
 

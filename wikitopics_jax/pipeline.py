@@ -68,13 +68,19 @@ class ProcessShare:
   count: int = 1
 
 
-def _split_dataset(data_dir: str, split: str, share: ProcessShare):
+def _split_source(data_dir: str, split: str):
+  """(manifest, ArrayRecord source of the split), checked against the manifest's count."""
   manifest = manifest_lib.read(data_dir)
   info = manifest.split(split, where=data_dir)
   source = grain.sources.ArrayRecordDataSource(manifest_lib.split_paths(data_dir, info))
   if len(source) != info.num_examples:
     raise ValueError(f"{data_dir}: split {split!r} has {len(source)} records, manifest says "
                      f"{info.num_examples}")
+  return manifest, source
+
+
+def _split_dataset(data_dir: str, split: str, share: ProcessShare):
+  manifest, source = _split_source(data_dir, split)
   ds = grain.MapDataset.source(source)
   if share.count > 1:
     ds = ds[share.index::share.count]
@@ -158,12 +164,7 @@ def train_dataset(data_dir: str, split: str, *, batch_size: int, seed: int, hier
   transformation over the records (no copies on disk). augmentations: `augment` RandomMaps applied
   in order. `get_state()`/`set_state()` resume at exactly the same batch.
   """
-  manifest = manifest_lib.read(data_dir)
-  info = manifest.split(split, where=data_dir)
-  source = grain.sources.ArrayRecordDataSource(manifest_lib.split_paths(data_dir, info))
-  if len(source) != info.num_examples:
-    raise ValueError(f"{data_dir}: split {split!r} has {len(source)} records, manifest says "
-                     f"{info.num_examples}")
+  manifest, source = _split_source(data_dir, split)
   if indices is not None:
     indices = np.asarray(indices, np.int64)
     is_duplicate = (np.zeros(len(indices), bool) if is_duplicate is None

@@ -1,7 +1,8 @@
 r"""Command line of the benchmarks (absl flags).
 
   python -m wikitopics_jax.bench [--suites=train_step,losses] [--tiny] [--out=bench.json]
-      [--profile_dir=DIR] [--bench_mode=auto|cpu|accelerator] [--notorch_compile]
+      [--markdown_out=bench.md] [--profile_dir=DIR] [--bench_mode=auto|cpu|accelerator]
+      [--notorch_compile]
 
 Prints the results as a markdown table and writes them, with the machine and versions, as JSON.
 `run_from_flags()` is the entry point for another absl program (the `wikitopics bench` command).
@@ -24,6 +25,7 @@ _SUITES = flags.DEFINE_list("suites", None, "Suites to run, in order (default: a
 _TINY = flags.DEFINE_bool("tiny", False, "Tiny sizes and few repeats: checks that every suite runs "
                           "(seconds to a minute each); the figures mean nothing.")
 _OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON report.")
+_MARKDOWN_OUT = flags.DEFINE_string("markdown_out", None, "Also write the markdown table there.")
 _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir", None, "Trace the timed steps of train_step into DIR with jax.profiler (view with "
     "`xprof --logdir DIR` or TensorBoard). Tracing slows the steps: do not publish profiled figures.")
@@ -32,7 +34,7 @@ _MODE = flags.DEFINE_enum(
     "Model suite settings: 'cpu' (B0 fp32 vs PyTorch on CPU), 'accelerator' (B0/B2 bf16, batch 256, "
     "MFU) or 'auto' (accelerator when jax.default_backend() != 'cpu').")
 _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", True, "Include torch.compile baselines on CPU "
-                                   "(compiling B0 takes minutes on a small CPU).")
+                                   "(slow to compile on a small CPU).")
 _DEFAULT_JAX_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "wikitopics_jax", "xla")
 
 
@@ -56,8 +58,13 @@ def run_from_flags() -> dict[str, Any]:
                        torch_compile=_TORCH_COMPILE.value,
                        log=lambda message: print(message, flush=True))
   report = runner.run_suites(names, ctx)
-  print("\n" + runner.markdown_table(report) + "\n", flush=True)
+  table = runner.markdown_table(report)
+  print("\n" + table + "\n", flush=True)
   runner.write_json(report, _OUT.value)
+  if _MARKDOWN_OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_MARKDOWN_OUT.value)), exist_ok=True)
+    with open(_MARKDOWN_OUT.value, "w") as f:
+      f.write(table + "\n")
   print(f"Wrote {os.path.abspath(_OUT.value)}", flush=True)
   if ctx.profile_dir:
     print(f"Profile: xprof --logdir {ctx.profile_dir}  (or tensorboard --logdir {ctx.profile_dir})")

@@ -2,11 +2,13 @@
 
 Ours: `jax.jit(jax.value_and_grad(objective))` on float32 logits. Baselines: the literal NumPy BCE and
 MCLoss with hand-written backward passes (`numpy_losses`); other losses have no baseline row. A run
-repeats the call a fixed number of times and the figure is the time per call. Each row also records how
+repeats the call to last about 0.25 s and the figure is the time per call. Each row also records how
 far the NumPy result is from ours (a check that both compute the same thing).
 """
 
 from __future__ import annotations
+
+import time
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,7 @@ SUITE = "losses"
 NUMPY_BASELINES = {"bce": numpy_losses.bce_value_and_grad, "chmcnn": numpy_losses.mcloss_value_and_grad}
 # Gene Ontology's biological-process branch has ~30,000 terms; 4,000 is the size often trained on.
 BIG_DAG_LABELS = 4000
+MAX_CALLS_PER_RUN = 1000
 
 
 def random_dag(num_labels: int, *, seed: int, num_roots: int = 3, second_parent_rate: float = 0.3
@@ -52,31 +55,47 @@ def close_labels(flat: np.ndarray, r: np.ndarray) -> np.ndarray:
   return (flat.astype(np.float32) @ r.T.astype(np.float32)) > 0
 
 
+def calls_per_run(fn, target_seconds: float) -> int:
+  """How many calls of `fn` (compiled already) take about `target_seconds`; at least 1."""
+  start = time.perf_counter()
+  fn()
+  once = max(time.perf_counter() - start, 1e-9)
+  return max(1, min(MAX_CALLS_PER_RUN, round(target_seconds / once)))
+
+
 def _time_and_compare(measured: str, objective, z: np.ndarray, y: np.ndarray, *, repeats: int,
-                      calls: int, numpy_fn=None, numpy_calls: int | None = None,
-                      numpy_rows: int | None = None, note: str = "", ctx: runner.Context
-                      ) -> runner.Row:
-  """Times ours on (z, y), and numpy_fn on the first `numpy_rows` examples scaled up to all of them."""
+                      run_seconds: float, numpy_fn=None, numpy_rows: int | None = None,
+                      note: str = "", ctx: runner.Context) -> runner.Row:
+  """Times ours on (z, y), and numpy_fn on the first `numpy_rows` examples scaled up to all of them.
+
+  A run repeats the call to last about `run_seconds` (calls of a few microseconds cannot be timed one
+  by one); the figure is per call. The first calls (compilation, calibration) are the warm-up.
+  """
   value_and_grad = jax.jit(jax.value_and_grad(objective))
   z_device, y_device = jnp.asarray(z), jnp.asarray(y)
+
+  def ours_once():
+    jax.block_until_ready(value_and_grad(z_device, y_device))
+
+  ours_once()  # Compiles.
+  calls = calls_per_run(ours_once, run_seconds)
 
   def ours():
     for _ in range(calls):
       out = value_and_grad(z_device, y_device)
     jax.block_until_ready(out)
 
-  candidates = [runner.Candidate("ours", ours, work=calls)]
+  candidates = [runner.Candidate("ours", ours, work=calls, warmup=lambda: None)]
   numpy_rows = numpy_rows or z.shape[0]
   z_part, y_part = z[:numpy_rows], y[:numpy_rows]
   if numpy_fn is not None:
-    numpy_calls = numpy_calls or calls
+    numpy_calls = calls_per_run(lambda: numpy_fn(z_part, y_part), run_seconds)
 
     def baseline():
       for _ in range(numpy_calls):
         numpy_fn(z_part, y_part)
 
-    candidates.append(runner.Candidate("numpy", baseline, work=numpy_calls,
-                                       warmup=lambda: numpy_fn(z[:1], y[:1])))
+    candidates.append(runner.Candidate("numpy", baseline, work=numpy_calls, warmup=lambda: None))
   stats = runner.measure_alternating(candidates, repeats=repeats, unit="ms",
                                      on_failure=lambda c, why: ctx.skip(SUITE, c.name, why))
   extra = {"batch": z.shape[0], "labels": z.shape[1], "calls_per_run": calls}
@@ -103,7 +122,7 @@ def _time_and_compare(measured: str, objective, z: np.ndarray, y: np.ndarray, *,
 def run(ctx: runner.Context) -> list[runner.Row]:
   batch = 64 if ctx.tiny else 512
   repeats = 2 if ctx.tiny else 7
-  calls = 5 if ctx.tiny else 50
+  run_seconds = 0.02 if ctx.tiny else 0.25
   rng = np.random.default_rng(0)
   tax = taxonomy_lib.load("v1.3")
   # Labels with WIT's frequencies (synthetic.py's table, floored so every label occurs).
@@ -125,7 +144,7 @@ def run(ctx: runner.Context) -> list[runner.Row]:
       numpy_fn = lambda z, y, r=r: numpy_losses.mcloss_value_and_grad(z, y, r)  # noqa: E731
     rows.append(_time_and_compare(
         f"loss {name}, forward+backward, batch {batch} x {tax.num_labels} labels", objective, z, y,
-        repeats=repeats, calls=calls, numpy_fn=numpy_fn, ctx=ctx))
+        repeats=repeats, run_seconds=run_seconds, numpy_fn=numpy_fn, ctx=ctx))
 
   num_labels = 300 if ctx.tiny else BIG_DAG_LABELS
   r = random_dag(num_labels, seed=0)
@@ -139,7 +158,7 @@ def run(ctx: runner.Context) -> list[runner.Row]:
   rows.append(_time_and_compare(
       f"MCLoss forward+backward, batch {batch} x {num_labels} labels (random DAG, "
       f"nnz(R) = {int(r.sum()):,})", objective, z, y, repeats=2 if ctx.tiny else 3,
-      calls=2 if ctx.tiny else 5, numpy_calls=1, numpy_rows=16 if ctx.tiny else 32,
+      run_seconds=run_seconds, numpy_rows=16 if ctx.tiny else 32,
       numpy_fn=lambda z, y: numpy_losses.mcloss_value_and_grad(z, y, r),
       note=(f"NumPy's (B, L, L) broadcast is {batch * num_labels**2 * 4 / 2**30:.2g} GiB in "
             f"float32: computed {block} examples at a time"),

@@ -45,7 +45,7 @@ def run(ctx: runner.Context) -> list[runner.Row]:
 
   if average_precision_score is not None:
     candidates.append(runner.Candidate("sklearn", sklearn_ap))
-  stats = runner.measure_alternating(candidates, repeats=2 if ctx.tiny else 5, unit="s",
+  stats = runner.measure_alternating(candidates, repeats=2 if ctx.tiny else 3, unit="s",
                                      on_failure=lambda c, why: ctx.skip(SUITE, c.name, why))
   row = runner.Row(SUITE, f"per-label AP (then macro), {num_images:,} x {y.shape[1]} float32 scores",
                    "metrics.average_precision", "s", stats["ours"][0],

@@ -261,7 +261,7 @@ def _torch_variants(ctx: runner.Context, suite: str, torch) -> list[tuple[str, d
   variants = [("PyTorch eager, NCHW", {"channels_last": False, "compile_model": False}),
               ("PyTorch eager, channels_last", {"channels_last": True, "compile_model": False})]
   if ctx.tiny:
-    ctx.skip(suite, "torch.compile", "off in --tiny mode (compiling takes minutes on a small CPU)")
+    ctx.skip(suite, "torch.compile", "off in --tiny mode (slow to compile)")
   elif not ctx.torch_compile:
     ctx.skip(suite, "torch.compile", "--notorch_compile")
   else:
@@ -270,93 +270,97 @@ def _torch_variants(ctx: runner.Context, suite: str, torch) -> list[tuple[str, d
 
 
 def _run_suite(suite: str, ctx: runner.Context) -> list[runner.Row]:
-  cores = runner.core_count()
-  # --tiny may run on a busy machine, where several PyTorch threads spinning against other
-  # processes make a step 10-50x slower (stack_notes.md); one thread keeps the check quick.
-  torch_threads = 1 if ctx.tiny else cores
+  # --tiny may run on a busy machine, where PyTorch threads spinning against other processes make a
+  # step tens of times slower; one thread keeps the check quick.
+  torch_threads = 1 if ctx.tiny else runner.core_count()
   torch, why_not = _torch_or_reason()
   if torch is None:
     ctx.skip(suite, "PyTorch baselines", why_not)
+    torch_variants = []
   else:
     torch.set_num_threads(torch_threads)
-  device_kind = jax.devices()[0].device_kind
+    torch_variants = _torch_variants(ctx, suite, torch)
+  rows = []
+  for setting in settings_for(suite, ctx):
+    # One setting at a time: its models and compiled programs are freed before the next is built.
+    rows += _measure_setting(suite, setting, ctx, torch_variants, torch_threads)
+  return rows
+
+
+def _measure_setting(suite: str, setting: Setting, ctx: runner.Context,
+                     torch_variants: list[tuple[str, dict[str, Any]]],
+                     torch_threads: int) -> list[runner.Row]:
   accelerator = ctx.mode == "accelerator"
   profile = suite == TRAIN and ctx.profile_dir is not None
   num_labels = taxonomy_lib.load(TAXONOMY).num_labels
+  work = setting.batch * setting.steps_per_run
+  ctx.log(f"[{suite}] {setting.describe()}: compiling")
+  batch = random_batch(setting, num_labels)
+  ours = OurStep(suite, setting, "auto" if accelerator else "shifted", batch, annotate=profile)
+  candidates = [runner.Candidate("ours", ours.run, work=work)]
+  labels = {}
+  compile_seconds = {"ours": ours.compile_seconds}
+  if not accelerator:
+    native = OurStep(suite, setting, "native", batch, annotate=False)
+    compile_seconds["native"] = native.compile_seconds
+    candidates.append(runner.Candidate("native", native.run, work=work))
+    labels["native"] = "NNX, depthwise native (lax grouped conv)"
+  for label, options in torch_variants:
+    try:
+      step = TorchStep(suite, setting, batch, num_labels=num_labels,
+                       expected_params=ours.task.num_params, **options)
+    except Exception as e:  # pylint: disable=broad-except
+      ctx.skip(suite, f"{label} ({setting.describe()})", f"{type(e).__name__}: {e}")
+      continue
+    candidates.append(runner.Candidate(label, step.run, work=work))
+    labels[label] = label
+
+  def around_timed():
+    return jax.profiler.trace(ctx.profile_dir) if profile else contextlib.nullcontext()
+
+  ctx.log(f"[{suite}] {setting.describe()}: timing {len(candidates)} implementations")
+  stats = runner.measure_alternating(
+      candidates, repeats=setting.repeats, unit="images/s", around_timed=around_timed,
+      on_failure=lambda c, why: ctx.skip(suite, f"{c.name} ({setting.describe()})", why))
+  ours_stats = stats["ours"][0]
+  step_seconds = setting.batch / ours_stats.median
+  device_kind = jax.devices()[0].device_kind
+  peak = peak_flops(device_kind, setting.dtype)
+  extra = {
+      "model": setting.model, "image_size": setting.image_size, "batch": setting.batch,
+      "dtype": setting.dtype, "steps_per_run": setting.steps_per_run,
+      "params": ours.task.num_params, "device_kind": device_kind,
+      "step_time_ms": step_seconds * 1e3, "flops_per_step": ours.flops,
+      "achieved_flops_per_s": ours.flops / step_seconds if ours.flops else None,
+      "peak_flops_per_s": peak,
+      "mfu": ours.flops / step_seconds / peak if ours.flops and peak else None,
+      "compile_s": compile_seconds,
+      "first_call_s": {name: first_call for name, (_, first_call) in stats.items()},
+      "cores": runner.core_count(), "torch_threads": torch_threads if torch_variants else None,
+      "profiled": profile,
+  }
+  note = _figures_note(extra)
+  what = f"{'train step' if suite == TRAIN else 'inference'}, {setting.describe()}"
+  our_label = ("NNX jit, " + ("train step (Adam, BCE)" if suite == TRAIN else "eval step")
+               + f", depthwise {'auto' if accelerator else 'shifted'}")
+  if len(stats) == 1:
+    return [runner.Row(suite, what, our_label, "images/s", ours_stats, note=note, extra=extra)]
   rows = []
-  for setting in settings_for(suite, ctx):
-    ctx.log(f"[{suite}] {setting.describe()}: compiling")
-    batch = random_batch(setting, num_labels)
-    impl = "auto" if accelerator else "shifted"
-    ours = OurStep(suite, setting, impl, batch, annotate=profile)
-    candidates = [runner.Candidate("ours", ours.run, work=setting.batch * setting.steps_per_run)]
-    labels = {}
-    compile_seconds = {"ours": ours.compile_seconds}
-    if not accelerator:
-      native = OurStep(suite, setting, "native", batch, annotate=False)
-      compile_seconds["native"] = native.compile_seconds
-      candidates.append(runner.Candidate("native", native.run,
-                                         work=setting.batch * setting.steps_per_run))
-      labels["native"] = "NNX, depthwise native (lax grouped conv)"
-    if torch is not None:
-      for label, options in _torch_variants(ctx, suite, torch):
-        try:
-          step = TorchStep(suite, setting, batch, num_labels=num_labels,
-                           expected_params=ours.task.num_params, **options)
-        except Exception as e:  # pylint: disable=broad-except
-          ctx.skip(suite, label, f"{type(e).__name__}: {e}")
-          continue
-        candidates.append(runner.Candidate(label, step.run,
-                                           work=setting.batch * setting.steps_per_run))
-        labels[label] = label
-
-    def around_timed():
-      return jax.profiler.trace(ctx.profile_dir) if profile else contextlib.nullcontext()
-
-    ctx.log(f"[{suite}] {setting.describe()}: timing {len(candidates)} implementations")
-    stats = runner.measure_alternating(
-        candidates, repeats=setting.repeats, unit="images/s", around_timed=around_timed,
-        on_failure=lambda c, why: ctx.skip(suite, f"{c.name} ({setting.describe()})", why))
-    ours_stats, ours_first_call = stats["ours"]
-    images_per_second = ours_stats.median
-    step_seconds = setting.batch / images_per_second
-    peak = peak_flops(device_kind, setting.dtype)
-    extra = {
-        "model": setting.model, "image_size": setting.image_size, "batch": setting.batch,
-        "dtype": setting.dtype, "steps_per_run": setting.steps_per_run,
-        "params": ours.task.num_params, "device_kind": device_kind,
-        "step_time_ms": step_seconds * 1e3, "flops_per_step": ours.flops,
-        "achieved_flops_per_s": ours.flops / step_seconds if ours.flops else None,
-        "peak_flops_per_s": peak,
-        "mfu": ours.flops / step_seconds / peak if ours.flops and peak else None,
-        "compile_s": compile_seconds, "first_call_s": {"ours": ours_first_call},
-        "cores": cores, "torch_threads": torch_threads if torch is not None else None,
-        "profiled": profile,
-    }
-    for name, (_, first_call) in stats.items():
-      extra["first_call_s"][name] = first_call
-    note = _figures_note(extra)
-    what = f"{'train step' if suite == TRAIN else 'inference'}, {setting.describe()}"
-    our_label = ("NNX jit, " + ("train step (Adam, BCE)" if suite == TRAIN else "eval step")
-                 + f", depthwise {'auto' if accelerator else 'shifted'}")
-    if len(stats) == 1:
-      rows.append(runner.Row(suite, what, our_label, "images/s", ours_stats, note=note,
-                             extra=extra))
-    for name, (baseline_stats, _) in stats.items():
-      if name == "ours":
-        continue
-      row_note = note
-      if name == "native":
-        row_note = "the depthwise trick: speedup of 'shifted' over 'native'; " + note
-      rows.append(runner.Row(suite, what, our_label, "images/s", ours_stats, baseline=labels[name],
-                             baseline_stats=baseline_stats, note=row_note, extra=dict(extra)))
+  for name, (baseline_stats, _) in stats.items():
+    if name == "ours":
+      continue
+    row_note = note
+    if name == "native":
+      row_note = "the depthwise trick: speedup of 'shifted' over 'native'; " + note
+    rows.append(runner.Row(suite, what, our_label, "images/s", ours_stats, baseline=labels[name],
+                           baseline_stats=baseline_stats, note=row_note, extra=dict(extra)))
   return rows
 
 
 def _figures_note(extra: dict[str, Any]) -> str:
   parts = [f"step {extra['step_time_ms']:.1f} ms"]
   if extra["flops_per_step"]:
-    parts.append(f"{extra['flops_per_step'] / 1e9:.1f} GFLOP/step (XLA cost analysis)")
+    parts.append(f"{extra['flops_per_step'] / 1e9:.3g} GFLOP/step (XLA cost analysis)")
   if extra["mfu"] is not None:
     parts.append(f"MFU {100 * extra['mfu']:.1f}% of {extra['peak_flops_per_s'] / 1e12:.0f} "
                  "TFLOP/s bf16 peak")

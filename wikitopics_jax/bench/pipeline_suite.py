@@ -2,14 +2,16 @@
 
 A synthetic dataset (`synthetic.generate`, 64x64) is written to a temporary directory. Ours:
 `pipeline.train_dataset` (shuffle, decode, batch) in the main process (worker_count=0; Grain still
-decodes with its read threads there), with one worker process, and with one worker process per core. Baseline, the ceiling: a bare loop that reads the same
-ArrayRecord records in the same random order and decodes them with `records.decode_record`, in one
-process, or in as many processes as ours uses (a spawn process pool, each decoding its share; results
-are not sent back, so the ceiling has no inter-process transfer). Worker start-up is in the warm-up.
+decodes with its read threads there), with one worker process, and with one worker process per core.
+Baseline, the ceiling: a bare loop that reads the same ArrayRecord records in the same random order
+and decodes them with `records.decode_record`, in one process, or in as many processes as ours uses (a
+spawn process pool, each decoding its share; results are not sent back, so the ceiling has no
+inter-process transfer). Worker start-up is in the warm-up.
 
-Unlike the other suites these are not interleaved: Grain prefetches (read threads, worker buffers), so
-while another loop is timed it would fill its buffers and its next run would be served from them.
-Consumed back to back, the buffers stay empty and the figure is the steady-state production rate.
+Unlike the other suites these are not interleaved: Grain reads ahead (read threads, worker buffers),
+so while another loop is timed it would fill its buffers and its next run would be served from them.
+Each loop is measured alone: warm-up (which empties the read-ahead buffer), back-to-back timed runs,
+close. Consumed back to back, the buffers stay empty and the figure is the steady-state rate.
 """
 
 from __future__ import annotations

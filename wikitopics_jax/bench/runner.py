@@ -2,10 +2,11 @@
 
 A suite is a function `suite(ctx: Context) -> list[Row]` registered in `SUITES`. Each row compares one
 measurement of our code with a baseline measured in the same process, interleaved with ours
-(`measure_alternating`), so that load on the machine hits both alike.
+(`measure_alternating`) so that load on the machine hits both alike, unless the suite says why not
+(the `pipeline` suite; extrapolated baselines).
 
 Figures are medians over `repeats` timed runs after warm-up runs (compilation, caches, worker start-up
-are excluded). The spread is half the range (max - min) / 2 as a percentage of the median. The speedup
+are excluded). The spread is half the range, (max - min) / 2, as a percentage of the median. The speedup
 is ours/baseline for rates (images/s) and baseline/ours for times (s), so > 1 always means ours is
 faster. A baseline that cannot run (a package missing, torch.compile failing) is skipped with a
 reason; it never stops the run.
@@ -142,11 +143,18 @@ def measure_alternating(candidates: Sequence[Candidate], *, repeats: int, warmup
                         ) -> dict[str, tuple[Stats, float]]:
   """Times the candidates in turn, `repeats` rounds of one run each, after `warmup` runs each.
 
-  Returns name -> (stats in `unit`, seconds of the first warm-up call). A candidate that raises is
-  dropped and reported through `on_failure(candidate, reason)`; without `on_failure` it raises.
+  Returns name -> (stats in `unit`, seconds of the first warm-up call). The first candidate is ours
+  and its errors always raise. Another candidate that raises is dropped and reported through
+  `on_failure(candidate, reason)` (a baseline that cannot run); without `on_failure` it raises.
   `around_timed` is a context-manager factory wrapped around the timed rounds (the profiler).
   """
   alive, first_call = [], {}
+
+  def fail(c: Candidate, e: Exception) -> None:
+    if on_failure is None or c is candidates[0]:
+      raise e
+    on_failure(c, _short_error(e))
+
   for c in candidates:
     try:
       for i in range(warmup):
@@ -156,9 +164,7 @@ def measure_alternating(candidates: Sequence[Candidate], *, repeats: int, warmup
           first_call[c.name] = time.perf_counter() - start
       alive.append(c)
     except Exception as e:  # pylint: disable=broad-except
-      if on_failure is None:
-        raise
-      on_failure(c, _short_error(e))
+      fail(c, e)
   seconds: dict[str, list[float]] = {c.name: [] for c in alive}
 
   def rounds():
@@ -168,9 +174,7 @@ def measure_alternating(candidates: Sequence[Candidate], *, repeats: int, warmup
         try:
           c.run()
         except Exception as e:  # pylint: disable=broad-except
-          if on_failure is None:
-            raise
-          on_failure(c, _short_error(e))
+          fail(c, e)
           alive.remove(c)
           del seconds[c.name]
           continue
@@ -364,8 +368,9 @@ def markdown_table(report: dict[str, Any]) -> str:
   for row in report["rows"]:
     speedup = "—" if row["speedup"] is None else f"{row['speedup']:.2f}x"
     repeats = str(row["ours_stats"]["repeats"])
-    if row["baseline_stats"] is not None and row["baseline_stats"]["repeats"] != row["ours_stats"]["repeats"]:
-      repeats += f" / {row['baseline_stats']['repeats']}"
+    baseline_repeats = (row["baseline_stats"] or {}).get("repeats")
+    if baseline_repeats not in (None, row["ours_stats"]["repeats"]):
+      repeats += f" / {baseline_repeats}"
     cells = [row["suite"], row["measured"], row["ours"], format_figure(row["ours_stats"]),
              row["baseline"] or "—", format_figure(row["baseline_stats"]), row["unit"], speedup,
              repeats, row["note"]]
