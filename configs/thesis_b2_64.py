@@ -4,7 +4,7 @@ Bernat (2023), section 3.2.1: flatten -> Dense(128, relu) -> Dense(31), hierarch
 the epoch with the lowest validation loss. Point data.dir at an ingested WIT dataset:
 
   wikitopics train --config configs/thesis_b2_64.py --workdir workdir/thesis_b2 \
-      --config.data.dir=/path/to/wit_64px --config.data.synthetic=None
+      --config.data.dir=/path/to/wit_64px --config.data.generate_synthetic=False
 
 Expected runtime: about 15 epochs x 760K images; hours on one GPU (see the README's accelerator
 table), impractical on a laptop CPU. On the synthetic data (default here) it runs, slowly, on CPU.

@@ -12,7 +12,7 @@ from wikitopics_jax import configlib
 def get_config(arg=None):
   c = configlib.base_config()
   c.data.dir = arg or "data/synthetic-32px"
-  c.data.synthetic = None
+  c.data.generate_synthetic = False
   c.model.name = "efficientnet_tiny"
   c.model.head = "gap"
   c.batch_size = 32

@@ -36,7 +36,7 @@ case "$action" in
         (mountpoint -q $MOUNT || gcsfuse --implicit-dirs ${BUCKET#gs://} $MOUNT)" ;;
   train)
     ssh_all "cd ~/wikitopics_jax && .venv/bin/wikitopics train --distributed \
-        --config=$CONFIG --workdir=$WORKDIR --config.data.dir=$DATA --config.data.synthetic=None \
+        --config=$CONFIG --workdir=$WORKDIR --config.data.dir=$DATA --config.data.generate_synthetic=False \
         --config.data.worker_count=8 $* 2>&1 | tee -a ~/train.log" ;;
   status)
     ssh_all "tail -n 3 ~/train.log" ;;

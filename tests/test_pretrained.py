@@ -250,7 +250,7 @@ def data_dir(tmp_path_factory):
 def _config(data_dir, **overrides) -> ml_collections.ConfigDict:
   c = configlib.base_config()
   c.data.dir = data_dir
-  c.data.synthetic = None
+  c.data.generate_synthetic = False
   c.model.name = "efficientnet_tiny"
   c.model.head = "gap"
   c.batch_size = 16

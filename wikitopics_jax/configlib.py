@@ -14,8 +14,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.dir = "data/synthetic-64px"
-  # When set, the embedded synthetic dataset is generated into data.dir first (reused if present);
-  # keys are the arguments of wikitopics_jax.synthetic.generate. None = data.dir must already exist.
+  # generate_synthetic: generate the embedded synthetic dataset into data.dir first (reused if
+  # present), with data.synthetic's keys as the arguments of wikitopics_jax.synthetic.generate.
+  # False (real data): data.dir must already hold a dataset (`wikitopics ingest`).
+  c.data.generate_synthetic = True
   c.data.synthetic = ml_collections.ConfigDict({"num_images": 20000, "image_size": 64, "seed": 0})
   c.data.hierarchical = True          # train on closed (ancestor-added) labels, the thesis's default
   c.data.train_split = "train"

@@ -184,9 +184,15 @@ def _stats():
     print(f"wrote {out}/stats_{split}.json and plots")
 
 
+def _bench():
+  report = bench_cli.run_from_flags()
+  if report.get("failed"):
+    sys.exit(1)
+
+
 _RUNNERS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "report": _report,
             "generate": _generate, "ingest": _ingest, "fetch": _fetch, "stats": _stats,
-            "bench": bench_cli.run_from_flags}
+            "bench": _bench}
 
 
 def _main(argv: list[str]) -> None:

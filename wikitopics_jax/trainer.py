@@ -43,7 +43,7 @@ THRESHOLDS_FILE = "thresholds.json"
 
 def prepare_data(config: ml_collections.ConfigDict) -> manifest_lib.Manifest:
   """Generates the embedded synthetic dataset if the config asks for it (reused when present)."""
-  if config.data.get("synthetic"):
+  if config.data.generate_synthetic:
     if jax.process_index() == 0:
       synthetic.generate(config.data.dir, **config.data.synthetic.to_dict())
     if jax.process_count() > 1:

@@ -24,7 +24,9 @@ _SUITES = flags.DEFINE_list("suites", None, "Suites to run, in order (default: a
                             f"{','.join(runner.SUITE_ORDER)}).")
 _TINY = flags.DEFINE_bool("tiny", False, "Tiny sizes and few repeats: checks that every suite runs "
                           "(seconds to a minute each); the figures mean nothing.")
-_OUT = flags.DEFINE_string("out", "bench.json", "Where to write the JSON report.")
+# Shared with `wikitopics predict/report/fetch/stats`, where it names their output (no default there).
+OUT_FLAG = _OUT = flags.DEFINE_string("out", None, "Output path (bench: the JSON report, default "
+                                      "bench.json).")
 _MARKDOWN_OUT = flags.DEFINE_string("markdown_out", None, "Also write the markdown table there.")
 _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir", None, "Trace the timed steps of train_step into DIR with jax.profiler (view with "
@@ -60,12 +62,13 @@ def run_from_flags() -> dict[str, Any]:
   report = runner.run_suites(names, ctx)
   table = runner.markdown_table(report)
   print("\n" + table + "\n", flush=True)
-  runner.write_json(report, _OUT.value)
+  out = _OUT.value or "bench.json"
+  runner.write_json(report, out)
   if _MARKDOWN_OUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_MARKDOWN_OUT.value)), exist_ok=True)
     with open(_MARKDOWN_OUT.value, "w") as f:
       f.write(table + "\n")
-  print(f"Wrote {os.path.abspath(_OUT.value)}", flush=True)
+  print(f"Wrote {os.path.abspath(out)}", flush=True)
   if ctx.profile_dir:
     print(f"Profile: xprof --logdir {ctx.profile_dir}  (or tensorboard --logdir {ctx.profile_dir})")
   return report
