@@ -94,7 +94,9 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path, data_dir):
       _cli(["train", f"--config={REPO}/configs/tiny.py:{data_dir}", f"--workdir={multi}",
             "--config.num_train_steps=4", "--config.thresholds.tune=False",
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-            ]),
+            # With a shared persistent cache one process can load a program the other compiles,
+            # and the two then wait on each other: each compiles its own.
+            "--jax_cache_dir="]),
       env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
