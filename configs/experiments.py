@@ -44,11 +44,12 @@ it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import importlib.util
+import os
 from typing import NamedTuple
 
 import ml_collections
 
-from wikitopics_jax import configlib
 
 SMOKE_SUFFIX = ":smoke"
 SMOKE_EPOCHS = 4
@@ -63,31 +64,26 @@ Piece = Callable[[ml_collections.ConfigDict], None]
 # Scales: the config every row starts from.
 
 
+def _sibling_config(name: str) -> ml_collections.ConfigDict:
+  """get_config() of another file in configs/ (they are files, not a package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"wikitopics_configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def full_scale() -> ml_collections.ConfigDict:
-  """The thesis's setup (= configs/thesis_b2_64.py)."""
-  c = configlib.base_config()
-  c.data.dir = "data/synthetic-64px"
-  c.data.synthetic.image_size = 64
-  c.model.name = "efficientnet_b2"
-  c.model.head = "thesis"
-  c.batch_size = 512
-  c.eval_batch_size = 512
-  c.num_epochs = 15
+  """The thesis's setup: configs/thesis_b2_64.py."""
+  c = _sibling_config("thesis_b2_64")
   c.report_split = c.data.test_split
   return c
 
 
 def smoke_scale() -> ml_collections.ConfigDict:
   """configs/demo.py's setup, fewer epochs."""
-  c = full_scale()
-  c.data.dir = "data/synthetic-32px"
-  c.data.synthetic.num_images = 20000
-  c.data.synthetic.image_size = 32
-  c.model.name = "efficientnet_b0"
-  c.model.width_multiplier = 0.5
-  c.model.depth_multiplier = 0.5
-  c.batch_size = 128
-  c.eval_batch_size = 256
+  c = _sibling_config("demo")
+  c.report_split = c.data.test_split
   c.num_epochs = SMOKE_EPOCHS
   return c
 
