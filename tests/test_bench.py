@@ -113,7 +113,14 @@ def test_numeric_baselines_agree_with_ours(tiny_run):
   resampling = _rows(report, "resampling")
   assert len(resampling) == 4 and all(r["extra"]["same_result_on_subset"] for r in resampling)
   assert sum(r["baseline_stats"]["extrapolated"] for r in resampling) == 2
-  assert len(_rows(report, "pipeline")) == (3 if runner.core_count() > 1 else 2)
+  settings = 3 if runner.core_count() > 1 else 2
+  pipeline = _rows(report, "pipeline")
+  assert len(pipeline) == 2 * settings  # decoded, and decoded + naive augmentation
+  assert [r["extra"]["augmentation"] for r in pipeline] == ["none"] * settings + ["naive"] * settings
+  ingest = _rows(report, "ingest")
+  assert [r["extra"]["processes"] for r in ingest] == sorted({1, runner.core_count()})
+  for row in ingest:  # Every benchmark image made it through the ingest.
+    assert row["extra"]["num_images"] == 64 and row["baseline"].startswith("bare PIL")
 
 
 def test_profile_has_annotated_train_steps(tiny_run):

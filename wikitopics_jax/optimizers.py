@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -55,6 +59,55 @@ def _sgd(schedule, momentum: float = 0.9, nesterov: bool = False):
   return optax.sgd(schedule, momentum=momentum, nesterov=nesterov)
 
 
+class ParamsEmaState(NamedTuple):
+  """Exponential moving average of the parameters *after* each update (zero-initialised)."""
+  count: jax.Array
+  ema: Any
+
+
+def params_ema(decay: float) -> optax.GradientTransformation:
+  """Keeps an EMA of the parameters in the optimiser state; passes the updates through unchanged.
+
+  Chained last, it sees the final updates, so it tracks exactly the parameters the model will hold.
+  The average starts at zero and is debiased when read (`ema_params`), so early reads are a proper
+  weighted mean of the parameters seen so far instead of being pulled towards zero.
+  """
+  if not 0.0 < decay < 1.0:
+    raise InputError(f"config.ema.decay must be in (0, 1) or 0 (off), got {decay}")
+
+  def init(params):
+    return ParamsEmaState(count=jnp.zeros([], jnp.int32),
+                          ema=jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("params_ema needs the parameters (optax update(..., params))")
+    new_params = optax.apply_updates(params, updates)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(jnp.float32),
+                       state.ema, new_params)
+    return updates, ParamsEmaState(count=state.count + 1, ema=ema)
+
+  return optax.GradientTransformation(init, update)
+
+
+def find_params_ema(opt_state) -> ParamsEmaState | None:
+  """The ParamsEmaState inside an optimiser state (a chain's), or None if EMA is off."""
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ParamsEmaState))
+           if isinstance(x, ParamsEmaState)]
+  return found[0] if found else None
+
+
+def ema_params(opt_state, params, decay: float):
+  """Debiased EMA of `params` (same structure); the raw params before the first update."""
+  state = find_params_ema(opt_state)
+  if state is None:
+    raise ValueError("the optimiser state holds no parameter EMA (config.ema.decay is 0)")
+  correction = 1.0 - jnp.asarray(decay, jnp.float32) ** state.count.astype(jnp.float32)
+  return jax.tree.map(
+      lambda e, p: jnp.where(state.count > 0, e / jnp.maximum(correction, 1e-12), p).astype(p.dtype),
+      state.ema, params)
+
+
 def make_schedule(schedule_cfg: ml_collections.ConfigDict, *, learning_rate: float, total_steps: int):
   kwargs = dict(schedule_cfg)
   name = kwargs.pop("name", "constant")
@@ -63,7 +116,9 @@ def make_schedule(schedule_cfg: ml_collections.ConfigDict, *, learning_rate: flo
 
 
 def make_optimizer(optimizer_cfg: ml_collections.ConfigDict, schedule_cfg: ml_collections.ConfigDict, *,
-                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                   total_steps: int, ema_decay: float = 0.0
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimiser (with gradient clipping first and the parameter EMA last, if configured)."""
   kwargs = dict(optimizer_cfg)
   name = kwargs.pop("name", "adam")
   learning_rate = kwargs.pop("learning_rate", None)
@@ -74,4 +129,6 @@ def make_optimizer(optimizer_cfg: ml_collections.ConfigDict, schedule_cfg: ml_co
   tx = OPTIMIZERS.build(name, kwargs, key_prefix="config.optimizer", schedule=schedule)
   if grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
+  if ema_decay:
+    tx = optax.chain(tx, params_ema(ema_decay))
   return tx, schedule

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from wikitopics_jax import optimizers
 from wikitopics_jax import pipeline
 
 
@@ -60,12 +61,20 @@ def make_train_step(task, *, state_sharding, batch_sharding, replicated_sharding
                  out_shardings=(state_sharding, replicated_sharding), donate_argnums=(0,))
 
 
-def make_eval_step(task, *, state_sharding, batch_sharding):
+def make_eval_step(task, *, state_sharding, batch_sharding, use_ema: bool = False):
+  """Returns jitted `(state, batch) -> {probs, loss}`; `use_ema` evaluates the EMA of the Params
+  (with the raw model's BatchNorm statistics, themselves a moving average)."""
   graphdef = task.eval_graphdef
   objective = task.objective
+  if use_ema and not task.ema_decay:
+    raise ValueError("use_ema needs config.ema.decay > 0")
 
   def eval_step(state: nnx.State, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    model, _ = nnx.merge(graphdef, state)
+    model, optimizer = nnx.merge(graphdef, state)
+    if use_ema:
+      params = nnx.as_pure(nnx.state(model, optimizer.wrt))
+      nnx.update(model, optimizers.ema_params(nnx.as_pure(optimizer.opt_state), params,
+                                              task.ema_decay))
     logits = model(pipeline.normalize_images(batch["image"], model.input_normalization))
     labels = batch["labels"].astype(jnp.float32)
     return {"probs": objective.probabilities(logits),

@@ -35,6 +35,7 @@ class Task:
   label_names: tuple[str, ...]
   num_params: int
   num_trainable_params: int = 0  # Params the optimiser updates (all unless config.trainable_layers).
+  ema_decay: float = 0.0         # > 0: the optimiser state keeps an EMA of the trainable Params.
 
   def pure_state(self) -> Any:
     return nnx.to_pure_dict(self.state)
@@ -71,7 +72,9 @@ def build(config: ml_collections.ConfigDict, manifest: manifest_lib.Manifest, *,
   pretrained.init_from_config(config, model)  # config.init
   # config.trainable_layers: frozen Params get no optimiser state, frozen BatchNorms keep their stats.
   trainable = models.set_trainable_layers(model, config.get("trainable_layers"))
-  tx, schedule = optimizers.make_optimizer(config.optimizer, config.schedule, total_steps=total_steps)
+  ema_decay = float(config.get("ema", {}).get("decay", 0.0) or 0.0)
+  tx, schedule = optimizers.make_optimizer(config.optimizer, config.schedule, total_steps=total_steps,
+                                           ema_decay=ema_decay)
   optimizer = nnx.Optimizer(model, tx, wrt=trainable)
   model.eval()
   eval_graphdef, _ = nnx.split((model, optimizer))
@@ -81,4 +84,4 @@ def build(config: ml_collections.ConfigDict, manifest: manifest_lib.Manifest, *,
   return Task(train_graphdef=train_graphdef, eval_graphdef=eval_graphdef, state=state,
               objective=objective_for(config, manifest), schedule=schedule, num_labels=num_labels,
               label_names=manifest.taxonomy.labels, num_params=num_params,
-              num_trainable_params=models.count_parameters(model, trainable))
+              num_trainable_params=models.count_parameters(model, trainable), ema_decay=ema_decay)

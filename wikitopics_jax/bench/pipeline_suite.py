@@ -1,8 +1,11 @@
-"""Suite `pipeline`: decoded images/s of the Grain training pipeline vs a bare read-and-decode loop.
+"""Suite `pipeline`: decoded (and augmented) images/s of the Grain training pipeline vs a bare
+read-and-decode loop.
 
 A synthetic dataset (`synthetic.generate`, 64x64) is written to a temporary directory. Ours:
-`pipeline.train_dataset` (shuffle, decode, batch) in the main process (worker_count=0; Grain still
-decodes with its read threads there), with one worker process, and with one worker process per core.
+`pipeline.train_dataset` (shuffle, decode, batch), plain and with the thesis's naive augmentation
+(`augment.NaiveAugment`: zoom, rotation, shift, flip on every image), in the main process
+(worker_count=0; Grain still decodes with its read threads there), with one worker process, and with
+one worker process per core.
 Baseline, the ceiling: a bare loop that reads the same ArrayRecord records in the same random order
 and decodes them with `records.decode_record`, in one process, or in as many processes as ours uses (a
 spawn process pool, each decoding its share; results are not sent back, so the ceiling has no
@@ -25,6 +28,7 @@ import tempfile
 import grain
 import numpy as np
 
+from wikitopics_jax import augment
 from wikitopics_jax import manifest as manifest_lib
 from wikitopics_jax import pipeline
 from wikitopics_jax import records
@@ -93,9 +97,10 @@ class GrainLoop:
   """`batches_per_run` batches of `pipeline.train_dataset` per run."""
 
   def __init__(self, data_dir: str, *, batch_size: int, batches_per_run: int, worker_count: int,
-               drain: bool):
+               drain: bool, augmentations: list | None = None):
     self.dataset = pipeline.train_dataset(data_dir, "train", batch_size=batch_size, seed=0,
-                                          hierarchical=False, worker_count=worker_count)
+                                          hierarchical=False, worker_count=worker_count,
+                                          augmentations=augmentations)
     self.iterator = iter(self.dataset)
     self.batches_per_run = batches_per_run
     # Grain reads ahead into a buffer (ReadOptions.prefetch_buffer_size batches, in each worker
@@ -148,18 +153,23 @@ def run(ctx: runner.Context) -> list[runner.Row]:
     bare = {processes: _measure(BareLoop(paths, num_images, images_per_run, processes),
                                 images_per_run=images_per_run, repeats=repeats)
             for processes in sorted({p for _, _, p in settings})}
-    for workers, label, processes in settings:
-      # --tiny skips draining the read-ahead buffers (its figures mean nothing anyway).
-      ours = _measure(GrainLoop(data_dir, batch_size=batch_size, batches_per_run=batches_per_run,
-                                worker_count=workers, drain=not ctx.tiny),
-                      images_per_run=images_per_run, repeats=repeats)
-      rows.append(runner.Row(
-          SUITE, f"decoded {image_size}x{image_size} images, batch {batch_size}, {label}",
-          f"Grain train_dataset, worker_count={workers}", "images/s", ours,
-          baseline=f"bare read+decode loop, {processes} process{'es' if processes > 1 else ''}",
-          baseline_stats=bare[processes],
-          note="baseline is the ceiling (no shuffle, batching or transfer); measured one after "
-               "the other, not interleaved",
-          extra={"num_images": num_images, "images_per_run": images_per_run,
-                 "worker_count": workers, "baseline_processes": processes}))
+    for augmentations, what in (([], "decoded"), ([augment.NaiveAugment()], "decoded+augmented")):
+      for workers, label, processes in settings:
+        # --tiny skips draining the read-ahead buffers (its figures mean nothing anyway).
+        ours = _measure(GrainLoop(data_dir, batch_size=batch_size, batches_per_run=batches_per_run,
+                                  worker_count=workers, drain=not ctx.tiny,
+                                  augmentations=augmentations),
+                        images_per_run=images_per_run, repeats=repeats)
+        augmented = " + naive augmentation" if augmentations else ""
+        rows.append(runner.Row(
+            SUITE, f"{what} {image_size}x{image_size} images, batch {batch_size}, {label}",
+            f"Grain train_dataset{augmented}, worker_count={workers}", "images/s", ours,
+            baseline=f"bare read+decode loop, {processes} process{'es' if processes > 1 else ''}",
+            baseline_stats=bare[processes],
+            note="baseline is the ceiling (no shuffle, augmentation, batching or transfer); "
+                 "measured one after the other, not interleaved",
+            extra={"num_images": num_images, "images_per_run": images_per_run,
+                   "worker_count": workers, "baseline_processes": processes,
+                   "augmentation": "naive" if augmentations else "none",
+                   "ours_images_per_second_per_worker": ours.median / max(workers, 1)}))
   return rows

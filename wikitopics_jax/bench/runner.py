@@ -32,8 +32,8 @@ from wikitopics_jax import registry
 
 SUITES = registry.Registry("benchmark suite")
 # The default order of a full run; each module registers the suites it defines.
-SUITE_ORDER = ("train_step", "inference", "pipeline", "losses", "metrics", "resampling")
-SUITE_MODULES = ("model_suites", "pipeline_suite", "losses_suite", "metrics_suite",
+SUITE_ORDER = ("train_step", "inference", "pipeline", "ingest", "losses", "metrics", "resampling")
+SUITE_MODULES = ("model_suites", "pipeline_suite", "ingest_suite", "losses_suite", "metrics_suite",
                  "resampling_suite")
 
 RATE_UNITS = ("images/s",)
