@@ -42,6 +42,9 @@ class Checkpointer:
         preservation_policy=policy, enable_async_checkpointing=async_save, read_only=read_only,
         create=not read_only, cleanup_tmp_directories=not read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # Kept in memory: every process takes the same keep/mark decisions from the same metrics, and
+    # none of them reads a marker that process 0 may be rewriting.
+    self._best = self.best()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -58,15 +61,20 @@ class Checkpointer:
     if metrics is not None and self._is_better(metrics):
       # The marker must never point at a checkpoint that is still being written.
       self._manager.wait_until_finished()
-      _atomic_write_json(os.path.join(self.directory, BEST_MARKER),
-                         {"step": int(step), "metric": self.best_metric,
-                          "value": float(metrics[self.best_metric])})
+      self._best = {"step": int(step), "metric": self.best_metric,
+                    "value": float(metrics[self.best_metric])}
+      if jax.process_index() == 0:  # one writer on a shared file system
+        _atomic_write_json(os.path.join(self.directory, BEST_MARKER), self._best)
+      if jax.process_count() > 1:
+        # Nobody reads the marker (evaluate_best) before it is there.
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        multihost_utils.sync_global_devices(f"best checkpoint marker {step}")
 
   def _is_better(self, metrics: dict[str, float]) -> bool:
     value = float(metrics[self.best_metric])
     if not math.isfinite(value):
       return False
-    best = self.best()
+    best = self._best
     if best is None or best["step"] not in self.all_steps():
       return True
     return value < best["value"] if self.best_mode == "min" else value > best["value"]
@@ -124,7 +132,7 @@ class Checkpointer:
 
 
 def _atomic_write_json(path: str, data: dict[str, Any]) -> None:
-  tmp = path + ".tmp"
+  tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
     json.dump(data, f, indent=1)
   os.replace(tmp, path)
