@@ -13,6 +13,7 @@ from wikitopics_jax import evaluate_job
 from wikitopics_jax import manifest as manifest_lib
 from wikitopics_jax import metrics
 from wikitopics_jax import report
+from sklearn import metrics as skm
 
 STEPS = [4, 8, 12]
 
@@ -119,3 +120,42 @@ def test_report_has_every_figure_linked_from_index(run):
   # Rebuilt in place: the new report replaces the old one, no staging folder is left behind.
   report.build_report(workdir, split="test", images_per_label=4, num_missing=10)
   assert [d for d in os.listdir(workdir) if d.startswith(".report")] == []
+
+
+def test_labels_a_human_split_cannot_judge_are_left_out_of_every_metric(run, tmp_path):
+  """The human annotations never asked about Politics and Belief: unknown there, not negative."""
+  workdir, data_dir = run
+  data_copy, workdir_copy = str(tmp_path / "data"), str(tmp_path / "run")
+  shutil.copytree(data_dir, data_copy)
+  shutil.copytree(workdir, workdir_copy)
+  path = os.path.join(data_copy, manifest_lib.MANIFEST_NAME)
+  with open(path) as f:
+    manifest = json.load(f)
+  manifest.setdefault("info", {}).update(human_labelled_splits=["test"],
+                                         labels_not_annotated=["Politics", "Belief"])
+  with open(path, "w") as f:
+    json.dump(manifest, f)
+  config = evaluate_job.load_workdir_config(workdir_copy)
+  config.data.dir = data_copy
+  result = evaluate_job.evaluate(workdir_copy, checkpoint=12, split="test", config_override=config,
+                                 thresholds="0.5")
+  assert result["ground_truth"] == "human"
+  assert result["labels_not_evaluated"] == ["Politics", "Belief"]
+  names = [row["name"] for row in result["per_label"]]
+  keep = np.array([n not in ("Politics", "Belief") for n in names])
+  assert result["num_labels"] == keep.sum() == len(names) - 2
+  for row in result["per_label"]:
+    assert row.get("not_evaluated", False) == (row["name"] in ("Politics", "Belief"))
+  saved = np.load(evaluate_job.eval_path(workdir_copy, "test", 12, ".predictions.npz"))
+  y, p = saved["labels"][:, keep], saved["probs"][:, keep]
+  with_positives = y.sum(axis=0) > 0
+  expected_ap = np.mean([skm.average_precision_score(y[:, j], p[:, j])
+                         for j in np.flatnonzero(with_positives)])
+  assert result["macro_ap"] == pytest.approx(expected_ap, abs=1e-9)
+  predicted = (p >= 0.5).astype(int)
+  assert result["f1"]["micro"] == pytest.approx(
+      skm.f1_score(y, predicted, average="micro", zero_division=0), abs=1e-9)
+  assert result["precision"]["macro"] == pytest.approx(
+      skm.precision_score(y, predicted, average="macro", zero_division=0), abs=1e-9)
+  markdown = open(evaluate_job.eval_path(workdir_copy, "test", 12, ".md")).read()
+  assert "cannot judge (left out) | Politics, Belief" in markdown

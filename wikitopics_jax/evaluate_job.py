@@ -226,9 +226,11 @@ class Evaluator:
     label_names = self.model.label_names
     threshold_values, threshold_source = resolve_thresholds(self.workdir, self.thresholds, label_names,
                                                             step)
-    result = evaluation.summarize(predictions, label_names=label_names, thresholds=threshold_values,
-                                  train_frequencies=self.train_frequencies,
-                                  ancestor_matrix=self.model.manifest.taxonomy.ancestor_matrix)
+    result = evaluation.summarize(
+        predictions, label_names=label_names, thresholds=threshold_values,
+        train_frequencies=self.train_frequencies,
+        ancestor_matrix=self.model.manifest.taxonomy.ancestor_matrix,
+        excluded_labels=evaluation.labels_without_ground_truth(self.model.manifest, self.split))
     result.update(split=self.split, checkpoint_step=step, thresholds_source=threshold_source,
                   ground_truth=self.ground_truth, data_dir=os.path.abspath(self.model.config.data.dir))
     save_predictions(eval_path(self.workdir, self.split, step, ".predictions.npz"), predictions)
@@ -378,7 +380,10 @@ def markdown_report(result: dict[str, Any]) -> str:
       ("all (samples)", {m: result[m]["samples"] for m in ("precision", "recall", "f1")}),
       (f"top-{top_k} (macro)", groups["top"]),
       ("rest (macro)", groups["rest"]))]
-  per_label = sorted(result["per_label"], key=lambda row: (-row["support"], row["name"]))
+  if result.get("labels_not_evaluated"):
+    summary.append(["labels the ground truth cannot judge (left out)",
+                    ", ".join(result["labels_not_evaluated"])])
+  per_label = sorted(result["per_label"], key=metrics_lib.per_label_order)
   label_rows = [[row["name"], row["support"], row["predicted"], row["ap"], row["baseline_ap"],
                  row["precision"], row["recall"], row["f1"], row["threshold"]] for row in per_label]
   return "\n\n".join([

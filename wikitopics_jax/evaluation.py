@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -13,6 +14,7 @@ from jax.experimental import multihost_utils
 from wikitopics_jax import metrics as metrics_lib
 from wikitopics_jax import pipeline
 from wikitopics_jax import sharding as sharding_lib
+from wikitopics_jax.errors import InputError
 
 
 def predict_split(eval_step, state, *, data_dir: str, split: str, batch_size: int, hierarchical: bool,
@@ -42,13 +44,54 @@ def predict_split(eval_step, state, *, data_dir: str, split: str, batch_size: in
 
 
 def summarize(predictions: dict[str, np.ndarray], *, label_names, thresholds=0.5,
-              train_frequencies=None, ancestor_matrix=None) -> dict[str, Any]:
+              train_frequencies=None, ancestor_matrix=None,
+              excluded_labels: Sequence[str] = ()) -> dict[str, Any]:
+  """Metrics of a split's predictions (metrics.evaluate_predictions), plus the mean loss.
+
+  excluded_labels: labels the ground truth cannot judge (the human annotations never asked about
+  Politics and Belief: unknown, not negative). Their columns are left out of every metric, the
+  hierarchy check included; `labels_not_evaluated` lists them.
+  """
+  label_names = predictions_label_names = list(label_names)
+  unknown = sorted(set(excluded_labels) - set(label_names))
+  if unknown:
+    raise InputError(f"labels to leave out of the evaluation {unknown} are not model labels; valid: "
+                     f"{label_names}")
+  keep = np.array([name not in set(excluded_labels) for name in label_names])
+  labels, probs = predictions["labels"], predictions["probs"]
+  if not keep.all():
+    labels, probs = labels[:, keep], probs[:, keep]
+    label_names = [n for n, k in zip(label_names, keep) if k]
+    if np.ndim(thresholds):
+      thresholds = np.asarray(thresholds)[keep]
+    if train_frequencies is not None:
+      train_frequencies = np.asarray(train_frequencies)[keep]
+    if ancestor_matrix is not None:
+      ancestor_matrix = np.asarray(ancestor_matrix)[np.ix_(keep, keep)]
   result = metrics_lib.evaluate_predictions(
-      predictions["labels"], predictions["probs"], label_names=list(label_names), thresholds=thresholds,
+      labels, probs, label_names=label_names, thresholds=thresholds,
       train_frequencies=train_frequencies, ancestor_matrix=ancestor_matrix)
+  if not keep.all():
+    # Per-label rows stay aligned with the model's labels: the excluded ones say so.
+    evaluated = iter(result["per_label"])
+    result["per_label"] = [
+        next(evaluated) if k else
+        {"name": name, "not_evaluated": True, "support": None, "predicted": None, "ap": None,
+         "baseline_ap": None, "pr_auc_trapezoid": None, "roc_auc": None, "precision": None,
+         "recall": None, "f1": None, "threshold": None}
+        for name, k in zip(predictions_label_names, keep)]
+  result["labels_not_evaluated"] = list(excluded_labels)
+  # The model's loss, over all its labels.
   result["loss"] = float(np.mean(predictions["loss"]))
   result["num_examples"] = int(predictions["labels"].shape[0])
   return result
+
+
+def labels_without_ground_truth(manifest, split: str) -> list[str]:
+  """The labels a human-labelled split cannot judge (manifest info.labels_not_annotated)."""
+  if split not in (manifest.info.get("human_labelled_splits") or ()):
+    return []
+  return list(manifest.info.get("labels_not_annotated") or ())
 
 
 def write_json(path: str, data: dict[str, Any]) -> None:

@@ -482,6 +482,11 @@ def _fmt(value: float | None, digits: int = 4) -> str:
   return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def per_label_order(row: dict[str, Any]) -> tuple:
+  """Most supported label first; labels that were not evaluated last."""
+  return (row["support"] is None, -(row["support"] or 0), row["name"])
+
+
 def format_report(result: dict[str, Any]) -> str:
   """A text report of an `evaluate_predictions` result: summary block, then a per-label table."""
   lines = [f"Images: {result['num_images']}   labels: {result['num_labels']}   "
@@ -490,6 +495,9 @@ def format_report(result: dict[str, Any]) -> str:
   if missing:
     lines.append(f"Labels without positives (excluded from macro AP/PR-AUC/ROC-AUC): {len(missing)}: "
                  + ", ".join(missing))
+  if result.get("labels_not_evaluated"):
+    lines.append("Labels the ground truth cannot judge (left out of every metric): "
+                 + ", ".join(result["labels_not_evaluated"]))
   macro_ap, baseline = result["macro_ap"], result["random_baseline_ap"]
   ratio = result["macro_ap_over_baseline"]
   lines.append(f"Macro AP {_fmt(macro_ap)}   random baseline {_fmt(baseline)}   "
@@ -522,13 +530,14 @@ def format_report(result: dict[str, Any]) -> str:
   columns = [("support", "support", "d"), ("predicted", "predicted", "d"), ("AP", "ap", "f"),
              ("baseline", "baseline_ap", "f"), ("P", "precision", "f"), ("R", "recall", "f"),
              ("F1", "f1", "f"), ("threshold", "threshold", "f")]
-  per_label = sorted(result["per_label"], key=lambda row: (-row["support"], row["name"]))
+  per_label = sorted(result["per_label"], key=per_label_order)
   name_width = max([len("label")] + [len(row["name"]) for row in per_label]) + 2
   widths = [max(len(title), 9) + 2 for title, _, _ in columns]
   titles = [title for title, _, _ in columns]
   lines.append(f"{'label':<{name_width}}" + "".join(f"{title:>{w}}" for title, w in zip(titles, widths)))
   for row in per_label:
-    cells = [str(row[key]) if kind == "d" else _fmt(row[key]) for _, key, kind in columns]
+    cells = [_fmt(row[key]) if kind == "f" or row[key] is None else str(row[key])
+             for _, key, kind in columns]
     lines.append(f"{row['name']:<{name_width}}" + "".join(f"{cell:>{w}}" for cell, w in zip(cells, widths)))
   return "\n".join(lines) + "\n"
 

@@ -601,7 +601,8 @@ class _ReportBuilder:
     train_frequencies = (None if self.train_counts is None else
                          self.train_counts / self.manifest.splits[self.config.data.train_split].num_examples)
     common = dict(label_names=self.names, train_frequencies=train_frequencies,
-                  ancestor_matrix=self.taxonomy.ancestor_matrix)
+                  ancestor_matrix=self.taxonomy.ancestor_matrix,
+                  excluded_labels=evaluation.labels_without_ground_truth(self.manifest, self.split))
     results = {"threshold 0.5": evaluation.summarize(self.predictions, thresholds=0.5, **common)}
     if self.tuned is not None:
       results["tuned thresholds"] = evaluation.summarize(self.predictions, thresholds=self.tuned, **common)
@@ -635,8 +636,10 @@ class _ReportBuilder:
         "(dotted) and the tuned threshold (dashed): right of a threshold are predicted positives "
         "(thesis Figure 4.3).")
     if tuned is not None:
-      f1_default = np.array([results["threshold 0.5"]["per_label"][j]["f1"] for j in self.order])
-      f1_tuned = np.array([results["tuned thresholds"]["per_label"][j]["f1"] for j in self.order])
+      def f1s(rule):  # NaN: a label the ground truth cannot judge
+        return np.array([np.nan if results[rule]["per_label"][j]["f1"] is None else
+                         results[rule]["per_label"][j]["f1"] for j in self.order])
+      f1_default, f1_tuned = f1s("threshold 0.5"), f1s("tuned thresholds")
       add("f1", plot_f1_threshold_moving(f1_default, f1_tuned, names,
                                          self._figure_path("f1_threshold_moving.png")),
           "F1 per label at threshold 0.5 and at the tuned per-label thresholds (thesis Figure 4.4).")
