@@ -400,3 +400,16 @@ def test_auto_impl_is_shifted_on_cpu():
   assert depthwise.resolve_impl("native") == "native"
   with pytest.raises(ValueError):
     depthwise.resolve_impl("winograd")
+
+
+def test_pointwise_conv_equals_the_convolution_it_replaces():
+  """The 1x1 convolutions run as a matrix product on CPU: same parameters, same outputs."""
+  from wikitopics_jax.models import efficientnet  # pylint: disable=g-import-not-at-top
+  conv = efficientnet._conv(24, 40, 1, use_bias=True, dtype=None, rngs=nnx.Rngs(0))  # pylint: disable=protected-access
+  assert isinstance(conv, efficientnet.PointwiseConv)
+  conv.bias[...] = jax.random.normal(jax.random.key(2), conv.bias.shape)
+  x = jax.random.normal(jax.random.key(1), (3, 5, 7, 24))
+  expected = jax.lax.conv_general_dilated(
+      x, conv.kernel[...], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv.bias[...]
+  np.testing.assert_allclose(conv(x), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(nnx.Conv.__call__(conv, x), expected, rtol=1e-5, atol=1e-5)

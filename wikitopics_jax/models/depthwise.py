@@ -116,6 +116,25 @@ def _input_grad(grad_out: jax.Array, kernel: jax.Array, x_shape, stride: int,
   return dx
 
 
+def _tree_sum(a: jax.Array, axis: int) -> jax.Array:
+  """sum(a, axis) as a tree of elementwise adds of halves.
+
+  XLA's CPU backend hands `reduce` ops to a library kernel that cannot read fused inputs, so each
+  shifted tap of the input would be written out in full before being summed; elementwise adds fuse
+  with the slices and the product instead (the kernel gradient runs about 2x faster). Used on the
+  spatial axes only: slicing the batch axis would cut across its sharding.
+  """
+  while a.shape[axis] > 1:
+    size = a.shape[axis]
+    half = size // 2
+    odd = lax.slice_in_dim(a, 2 * half, size, axis=axis)
+    a = lax.slice_in_dim(a, 0, half, axis=axis) + lax.slice_in_dim(a, half, 2 * half, axis=axis)
+    if odd.shape[axis]:
+      first = lax.slice_in_dim(a, 0, 1, axis=axis) + odd
+      a = lax.concatenate([first, lax.slice_in_dim(a, 1, half, axis=axis)], axis)
+  return jnp.squeeze(a, axis)
+
+
 def _kernel_grad(x: jax.Array, grad_out: jax.Array, kernel_size: int, stride: int,
                  padding: Padding) -> jax.Array:
   """Per tap: sum over batch and space of the shifted input times the output gradient."""
@@ -123,12 +142,9 @@ def _kernel_grad(x: jax.Array, grad_out: jax.Array, kernel_size: int, stride: in
   padded = jnp.pad(x.astype(acc_dtype), ((0, 0), padding[0], padding[1], (0, 0)))
   g = grad_out.astype(acc_dtype)
   out_hw = g.shape[1:3]
-  rows = []
-  for row in range(kernel_size):
-    cols = [jnp.sum(_tap(padded, row, col, out_hw, stride) * g, axis=(0, 1, 2))
-            for col in range(kernel_size)]
-    rows.append(jnp.stack(cols))
-  return jnp.stack(rows)
+  per_tap = jnp.stack([_tree_sum(_tree_sum(_tap(padded, row, col, out_hw, stride) * g, 2), 1)
+                       for row in range(kernel_size) for col in range(kernel_size)])
+  return jnp.sum(per_tap, axis=1).reshape(kernel_size, kernel_size, -1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -144,6 +160,10 @@ def _shifted_fwd(x, kernel, stride, padding):
 
 def _shifted_bwd(stride, padding, residuals, grad_out):
   x, kernel = residuals
+  # Without the barrier XLA merges the kernel gradient's pad+slice of x with the forward pass's
+  # identical ones (CSE); a slice with two consumers is then written out, k*k copies of the input
+  # per layer (29% of a B0 train step on CPU). Distinct values let each side fuse its own slices.
+  x = lax.optimization_barrier(x)
   dx = _input_grad(grad_out, kernel, x.shape, stride, padding)
   dkernel = _kernel_grad(x, grad_out, kernel.shape[0], stride, padding)
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
