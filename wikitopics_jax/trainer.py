@@ -84,14 +84,18 @@ def restore_state(ckpt: checkpointing.Checkpointer, step: int, task: task_lib.Ta
   return sharding_lib.put_replicated(task.state, placement.replicated)
 
 
+def predict(config: ml_collections.ConfigDict, eval_step, state, split: str, mesh) -> dict[str, np.ndarray]:
+  """evaluation.predict_split with the config's data directory, eval batch size and label kind."""
+  return evaluation.predict_split(eval_step, state, data_dir=config.data.dir, split=split,
+                                  batch_size=config.eval_batch_size,
+                                  hierarchical=config.data.hierarchical, mesh=mesh)
+
+
 def tune_thresholds(config, workdir, eval_step, state, mesh, label_names, step) -> np.ndarray | None:
   """Bootstrap F1-optimal per-class thresholds on the threshold split, saved beside the checkpoints."""
   if not config.thresholds.tune or config.data.threshold_split not in manifest_lib.read(config.data.dir).splits:
     return None
-  predictions = evaluation.predict_split(eval_step, state, data_dir=config.data.dir,
-                                         split=config.data.threshold_split,
-                                         batch_size=config.eval_batch_size,
-                                         hierarchical=config.data.hierarchical, mesh=mesh)
+  predictions = predict(config, eval_step, state, config.data.threshold_split, mesh)
   tuned = thresholds_lib.bootstrap_thresholds(predictions["labels"], predictions["probs"],
                                               num_subsets=config.thresholds.num_subsets,
                                               fraction=config.thresholds.fraction, seed=config.seed)
@@ -373,16 +377,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           t_window, window_steps = time.perf_counter(), 0
       val_metrics = None
       if is_eval:
-        val = evaluation.predict_split(eval_step, state, data_dir=config.data.dir,
-                                       split=config.data.val_split, batch_size=config.eval_batch_size,
-                                       hierarchical=config.data.hierarchical, mesh=mesh)
+        val = predict(config, eval_step, state, config.data.val_split, mesh)
         val_ap, _ = metrics_lib.macro_average_precision(val["labels"], val["probs"])
         val_metrics = {"val_loss": float(val["loss"].mean()), "val_macro_ap": float(val_ap)}
         message = f"step {step}: val_loss {val_metrics['val_loss']:.4f} val_macro_ap {val_ap:.4f}"
         if ema_eval_step is not None:
-          ema_val = evaluation.predict_split(
-              ema_eval_step, state, data_dir=config.data.dir, split=config.data.val_split,
-              batch_size=config.eval_batch_size, hierarchical=config.data.hierarchical, mesh=mesh)
+          ema_val = predict(config, ema_eval_step, state, config.data.val_split, mesh)
           ema_ap, _ = metrics_lib.macro_average_precision(ema_val["labels"], ema_val["probs"])
           val_metrics.update(ema_val_loss=float(ema_val["loss"].mean()), ema_val_macro_ap=float(ema_ap))
           message += (f"; EMA: val_loss {val_metrics['ema_val_loss']:.4f} val_macro_ap "
@@ -442,9 +442,7 @@ def evaluate_best(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   state = restore_state(ckpt, best_step, task, placement)
   train_frequencies = train_info.positives(config.data.hierarchical) / train_info.num_examples
   thresholds = tune_thresholds(config, workdir, eval_step, state, mesh, task.label_names, best_step)
-  test = evaluation.predict_split(eval_step, state, data_dir=config.data.dir,
-                                  split=config.data.test_split, batch_size=config.eval_batch_size,
-                                  hierarchical=config.data.hierarchical, mesh=mesh)
+  test = predict(config, eval_step, state, config.data.test_split, mesh)
   summarize = functools.partial(evaluation.summarize, test, label_names=task.label_names,
                                 train_frequencies=train_frequencies,
                                 ancestor_matrix=manifest.taxonomy.ancestor_matrix)
@@ -455,10 +453,7 @@ def evaluate_best(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   if task.ema_decay:
     ema_eval_step = steps_lib.make_eval_step(task, state_sharding=placement.state,
                                              batch_sharding=placement.batch, use_ema=True)
-    ema_test = evaluation.predict_split(ema_eval_step, state, data_dir=config.data.dir,
-                                        split=config.data.test_split,
-                                        batch_size=config.eval_batch_size,
-                                        hierarchical=config.data.hierarchical, mesh=mesh)
+    ema_test = predict(config, ema_eval_step, state, config.data.test_split, mesh)
     result["ema"] = evaluation.summarize(ema_test, label_names=task.label_names, thresholds=0.5,
                                          train_frequencies=train_frequencies,
                                          ancestor_matrix=manifest.taxonomy.ancestor_matrix)

@@ -137,17 +137,10 @@ def run(ctx: runner.Context) -> list[runner.Row]:
   with tempfile.TemporaryDirectory(prefix="wikitopics-bench-ingest-") as tmp:
     table, image_dir, paths = write_inputs(tmp, num_images)
     for processes in sorted({1, cores}):
-      def measure(loop):
-        try:
-          return runner.measure_alternating(
-              [runner.Candidate("loop", loop.run, work=num_images, warmup=loop.warmup)],
-              repeats=repeats, unit="images/s")["loop"][0]
-        finally:
-          loop.close()
-
-      bare = measure(BareLoop(paths, size, processes))
+      bare = runner.measure_alone(BareLoop(paths, size, processes), work=num_images,
+                                  repeats=repeats, unit="images/s")
       loop = IngestLoop(tmp, table, image_dir, size, processes)
-      ours = measure(loop)
+      ours = runner.measure_alone(loop, work=num_images, repeats=repeats, unit="images/s")
       if loop.num_examples != num_images:
         raise RuntimeError(f"ingest kept {loop.num_examples} of {num_images} benchmark images")
       plural = "es" if processes > 1 else ""

@@ -121,16 +121,6 @@ class GrainLoop:
     self.iterator.close()
 
 
-def _measure(loop, *, images_per_run: int, repeats: int) -> runner.Stats:
-  """Warm-up, then back-to-back timed runs, then the loop is closed (its threads and processes end)."""
-  try:
-    return runner.measure_alternating(
-        [runner.Candidate("loop", loop.run, work=images_per_run, warmup=loop.warmup)],
-        repeats=repeats, unit="images/s")["loop"][0]
-  finally:
-    loop.close()
-
-
 @runner.SUITES.register(SUITE)
 def run(ctx: runner.Context) -> list[runner.Row]:
   cores = runner.core_count()
@@ -150,16 +140,17 @@ def run(ctx: runner.Context) -> list[runner.Row]:
     paths = manifest_lib.split_paths(data_dir, manifest.split("train"))
     # Not interleaved: a prefetching pipeline works ahead while another one is timed, so each is
     # measured alone, back to back, and closed before the next starts.
-    bare = {processes: _measure(BareLoop(paths, num_images, images_per_run, processes),
-                                images_per_run=images_per_run, repeats=repeats)
+    bare = {processes: runner.measure_alone(
+                BareLoop(paths, num_images, images_per_run, processes), work=images_per_run,
+                repeats=repeats, unit="images/s")
             for processes in sorted({p for _, _, p in settings})}
     for augmentations, what in (([], "decoded"), ([augment.NaiveAugment()], "decoded+augmented")):
       for workers, label, processes in settings:
         # --tiny skips draining the read-ahead buffers (its figures mean nothing anyway).
-        ours = _measure(GrainLoop(data_dir, batch_size=batch_size, batches_per_run=batches_per_run,
-                                  worker_count=workers, drain=not ctx.tiny,
-                                  augmentations=augmentations),
-                        images_per_run=images_per_run, repeats=repeats)
+        grain_loop = GrainLoop(data_dir, batch_size=batch_size, batches_per_run=batches_per_run,
+                               worker_count=workers, drain=not ctx.tiny, augmentations=augmentations)
+        ours = runner.measure_alone(grain_loop, work=images_per_run, repeats=repeats,
+                                    unit="images/s")
         augmented = " + naive augmentation" if augmentations else ""
         rows.append(runner.Row(
             SUITE, f"{what} {image_size}x{image_size} images, batch {batch_size}, {label}",

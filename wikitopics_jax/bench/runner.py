@@ -191,6 +191,17 @@ def measure_alternating(candidates: Sequence[Candidate], *, repeats: int, warmup
           for name, secs in seconds.items()}
 
 
+def measure_alone(loop, *, work: float, repeats: int, unit: str) -> Stats:
+  """One loop with run/warmup/close, timed without a baseline alternating beside it: warm-up, then
+  back-to-back timed runs, then close (its threads and processes end) even if timing fails. For
+  loops that work ahead or own processes, which would distort anything timed in between."""
+  try:
+    return measure_alternating([Candidate("loop", loop.run, work=work, warmup=loop.warmup)],
+                               repeats=repeats, unit=unit)["loop"][0]
+  finally:
+    loop.close()
+
+
 def to_unit(seconds: float, work: float, unit: str) -> float:
   """A run's seconds -> items per second (rates) or time per item (times)."""
   if unit in RATE_UNITS:
