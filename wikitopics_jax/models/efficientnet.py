@@ -329,9 +329,9 @@ def _batch_norm(features: int, dtype, rngs: nnx.Rngs) -> BatchNorm:
 class PointwiseConv(nnx.Conv):
   """A 1x1, stride-1 `nnx.Conv` (same parameters) computed as a matrix product on CPU.
 
-  XLA's CPU backend runs the contraction about 14% faster per B0 train step than the equivalent
-  convolution (forward and both gradients); other backends keep the convolution, which they lower
-  to the same matrix product themselves.
+  XLA's CPU backend runs the contraction faster than the equivalent convolution (forward and both
+  gradients); other backends keep the convolution, which they lower to the same matrix product
+  themselves.
   """
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
