@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from tests import datasets
 from wikitopics_jax import label_stats
+from wikitopics_jax import resampling
 from wikitopics_jax.errors import InputError
 
 # Images x labels (A, B, C, D); D has no positives, image 4 has no labels.
@@ -220,3 +223,32 @@ def test_dataset_stats_reads_both_label_kinds(tmp_path):
     json.dump(document, f)
   with pytest.raises(InputError, match="count of"):
     label_stats.dataset_stats(data_dir, "val")
+
+
+def test_stats_command_reports_the_split_after_resampling(tmp_path):
+  """`wikitopics stats --resampling`: Table 3.1 after Algorithm 1 (checked against the literal
+  pseudo-code's selection), the JSON and Figure 4.1 per label kind; a bad spec is one error line."""
+  data_dir = str(tmp_path / "data")
+  datasets.make_dataset(data_dir, sizes={"train": 60, "val": 9}, image_size=8, shards=1)
+  out = str(tmp_path / "stats")
+  command = [sys.executable, "-m", "wikitopics_jax.main", "stats", f"--data_dir={data_dir}",
+             f"--out={out}", "--resampling=heuristic_under:0.5"]
+  done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr
+  assert "| Flat, heuristic_under " in done.stdout and "|       30 |" in done.stdout
+  with open(os.path.join(out, "stats_train.json")) as f:
+    written = json.load(f)
+  flat, hier, manifest = label_stats.read_split_labels(data_dir, "train")
+  names = list(manifest.taxonomy.labels)
+  for kind, y in (("flat", flat), ("hierarchical", hier)):
+    removed = resampling.literal_heuristic_undersample(y, keep_fraction=0.5)
+    expected = label_stats.compute(np.delete(y, removed, axis=0), names)
+    assert written["resampled"][kind] == json.loads(json.dumps(expected))
+    with open(os.path.join(out, f"imbalance_ratios_train_heuristic_under_{kind}.png"), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert written["resampled"]["keep_fraction"] == 0.5
+  bad = subprocess.run(command[:-1] + ["--resampling=heuristic_under:half"], capture_output=True,
+                       text=True, timeout=300, check=False)
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1] == (
+      "error: --resampling=heuristic_under:half: the fraction after ':' must be a number")

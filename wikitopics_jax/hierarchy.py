@@ -19,7 +19,8 @@ real input (we use it on logits too). Two exact forms, chosen by size:
 
 * "dense": (B, L, L) `where(R, x, -inf)` then max. Fastest for small taxonomies (v1.3 has 31 labels), but
   B * L^2 elements: 8e9 for L = 4000 and B = 512.
-* "sparse": a scatter-max over the nnz(R) pairs (i, j) with R[i, j] = 1, in chunks of at most
+* "sparse": a scatter-max over the nnz(R) pairs (i, j) with R[i, j] = 1, on the labels-major (L, B)
+  transpose (contiguous updates), in chunks of at most
   `max_elements` gathered values (`lax.scan`). Work and memory are O(B * nnz(R)), and
   nnz(R) = sum over labels of (1 + number of ancestors) <= L * depth for a tree: 24k pairs instead of 16M
   for a 4000-label tree of depth 6. One pass; no iteration over depth. Worst case (a chain) is nnz ~ L^2/2,
@@ -149,21 +150,28 @@ def _max_dense(x: jax.Array, index: DescendantIndex) -> jax.Array:
 def _max_sparse(x: jax.Array, index: DescendantIndex, max_elements: int) -> jax.Array:
   batch = x.shape[0]
   rows, cols = index.rows, index.cols
+  # Labels-major (L, B): each scattered update, and each row of its backward's scatter-adds, is one
+  # contiguous run of B values. In the (B, L) layout every update was B strided elements, and
+  # MCLoss on 4000 labels ran 13x slower on CPU.
+  xt = x.T
   # -inf is max's identity; every row gets at least its diagonal pair, so none stays -inf unless x is.
-  init = jnp.full(x.shape, -jnp.inf, x.dtype)
+  init = jnp.full(xt.shape, -jnp.inf, x.dtype)
   chunk = max(1, max_elements // max(batch, 1))
 
   def scatter(out, r, c):
-    return out.at[:, r].max(x[:, c], indices_are_sorted=True, mode="promise_in_bounds")
+    return out.at[r].max(xt[c], indices_are_sorted=True, mode="promise_in_bounds")
 
   if rows.size <= chunk:
-    return scatter(init, rows, cols)
+    return scatter(init, rows, cols).T
+  # Equal chunks, as few as the bound allows, so padding stays under one pair per chunk.
+  num_chunks = -(-rows.size // chunk)
+  chunk = -(-rows.size // num_chunks)
   # Pad with copies of the last pair: sortedness holds and a repeated (i, j) does not change a max.
   pad = (-rows.size) % chunk
   rows = np.concatenate([rows, np.full(pad, rows[-1], np.int32)]).reshape(-1, chunk)
   cols = np.concatenate([cols, np.full(pad, cols[-1], np.int32)]).reshape(-1, chunk)
   out, _ = jax.lax.scan(lambda out, rc: (scatter(out, *rc), None), init, (rows, cols))
-  return out
+  return out.T
 
 
 def make_coherent(probs: jax.Array, matrix: Any, **kwargs) -> jax.Array:

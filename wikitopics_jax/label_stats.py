@@ -301,12 +301,13 @@ _TABLE_COLUMNS = (
 )
 
 
-def format_table(stats_flat: Mapping[str, Any] | None, stats_hier: Mapping[str, Any] | None) -> str:
+def format_table(stats_flat: Mapping[str, Any] | None, stats_hier: Mapping[str, Any] | None, *,
+                 kinds: tuple[str, str] = ("Flat", "Hierarchical")) -> str:
   """The thesis's Table 3.1 as a Markdown table: one row per label kind, its five columns in its order
   (# images, # labels, SCUMBLE, labels per image, positive labels ratio), then meanIR, max and median
-  IRLbl. A None argument leaves its row out."""
+  IRLbl. A None argument leaves its row out; `kinds` names the rows."""
   rows = [("Type", *(header for header, _ in _TABLE_COLUMNS))]
-  for kind, stats in (("Flat", stats_flat), ("Hierarchical", stats_hier)):
+  for kind, stats in zip(kinds, (stats_flat, stats_hier)):
     if stats is not None:
       rows.append((kind, *(fmt(stats) for _, fmt in _TABLE_COLUMNS)))
   widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]

@@ -10,7 +10,7 @@ r"""Command line: `wikitopics <command> [flags]` (or `python -m wikitopics_jax.m
   ingest    --data_dir=DIR --labels=TABLES [--wit_tsv=FILES] [--image_dirs=DIRS] [--kaggle_pixels=FILES]
             [--taxonomy=v1.3 --image_size=64 --splits=train:0.7,...] | --human_annotations=FILES ...
   fetch     --out=DIR --width=120 --user_agent="name/1.0 (url; email)" (--labels=... | --wit_tsv=...)
-  stats     --data_dir=DIR [--split=train] [--out=DIR]
+  stats     --data_dir=DIR [--split=train] [--out=DIR] [--resampling=heuristic_under[:0.8]]
   bench     [--suites=...] [--tiny] [--out=bench.json]      (see wikitopics_jax/bench/cli.py)
 
 Comma-separated list flags take globs. Bad input (a missing file, an unknown label, a wrong config
@@ -64,6 +64,9 @@ _RESIZE = flags.DEFINE_enum("resize", "squash", ["squash", "center_crop"], "inge
 _WORKERS = flags.DEFINE_integer("num_workers", 0, "ingest: worker processes (0 = all CPUs).")
 _WIDTH = flags.DEFINE_integer("width", 120, "fetch: thumbnail width (Wikimedia's standard widths).")
 _USER_AGENT = flags.DEFINE_string("user_agent", None, "fetch: descriptive User-Agent with contact.")
+_RESAMPLING = flags.DEFINE_string(
+    "resampling", None, "stats: also the statistics after resampling with this method (see "
+    "resampling.py), optionally with its keep/extra fraction as METHOD:FRACTION, and Figure 4.1.")
 _JAX_CACHE = flags.DEFINE_string(
     "jax_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "wikitopics_jax", "xla"),
     "Persistent XLA compilation cache ('' disables).")
@@ -169,8 +172,14 @@ def _stats():
   from wikitopics_jax import label_stats  # pylint: disable=g-import-not-at-top
   data_dir = _required(_DATA_DIR, "stats")
   split = _SPLIT.value or "train"
+  method, params = _resampling_spec(_RESAMPLING.value) if _RESAMPLING.value else (None, {})
   stats = label_stats.dataset_stats(data_dir, split)
   print(label_stats.format_table(stats["flat"], stats["hierarchical"]))
+  if method:
+    after = _resampled_stats(data_dir, split, method, params)
+    stats["resampled"] = {"method": method, **params, **after}
+    print(label_stats.format_table(after["flat"], after["hierarchical"],
+                                   kinds=(f"Flat, {method}", f"Hierarchical, {method}")))
   if bench_cli.OUT_FLAG.present:
     out = bench_cli.OUT_FLAG.value
     os.makedirs(out, exist_ok=True)
@@ -181,7 +190,39 @@ def _stats():
                                         os.path.join(out, f"label_distribution_{split}.png"))
     label_stats.plot_cooccurrence(stats["hierarchical"]["cooccurrence"], names,
                                   os.path.join(out, f"cooccurrence_{split}.png"))
+    if method:
+      for kind in ("flat", "hierarchical"):
+        label_stats.plot_imbalance_ratios(
+            stats[kind]["irlbl"], stats["resampled"][kind]["irlbl"], names,
+            os.path.join(out, f"imbalance_ratios_{split}_{method}_{kind}.png"),
+            labels=("Original", method), title=f"IRLbl per label, {kind} labels, {split} split")
     print(f"wrote {out}/stats_{split}.json and plots")
+
+
+def _resampling_spec(spec: str) -> tuple[str, dict]:
+  """--resampling=METHOD[:FRACTION] -> (METHOD, its keep/extra fraction parameter), checked."""
+  from wikitopics_jax import resampling  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.errors import InputError  # pylint: disable=g-import-not-at-top
+  method, _, fraction = spec.partition(":")
+  resampling.RESAMPLERS.get(method)  # Unknown names fail here, listing the valid ones.
+  if not fraction:
+    return method, {}
+  try:
+    value = float(fraction)
+  except ValueError:
+    raise InputError(f"--resampling={spec}: the fraction after ':' must be a number") from None
+  return method, {("extra_fraction" if method in ("heuristic_over", "ml_ros") else "keep_fraction"): value}
+
+
+def _resampled_stats(data_dir: str, split: str, method: str, params: dict) -> dict:
+  """{"flat": stats, "hierarchical": stats} of the split after resampling."""
+  from wikitopics_jax import label_stats  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax import resampling  # pylint: disable=g-import-not-at-top
+  flat, hier, manifest = label_stats.read_split_labels(data_dir, split)
+  names = list(manifest.taxonomy.labels)
+  # Each label kind is resampled on its own labels, as training on that kind would.
+  return {kind: resampling.stats_after(y, names, method, key_prefix="--resampling", **params)
+          for kind, y in (("flat", flat), ("hierarchical", hier))}
 
 
 def _bench():

@@ -65,6 +65,7 @@ Algorithms 1 and 2), with IRLbl and meanIR as in `label_stats` (mldr's definitio
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -368,3 +369,12 @@ def resample(method: str, y: Any, *, seed: int = 0, key_prefix: str = "resamplin
   """
   y = label_stats.as_label_matrix(y)
   return RESAMPLERS.build(method, params, key_prefix=key_prefix, y=y, seed=seed)
+
+
+def stats_after(y: Any, names: Sequence[str], method: str, *, seed: int = 0,
+                key_prefix: str = "resampling", **params: Any) -> dict[str, Any]:
+  """`label_stats.compute` of the training set that resampling `method` makes of `y` (copies counted
+  as often as they occur), for Table 3.1 after resampling and Figure 4.1's "after" bars."""
+  y = label_stats.as_label_matrix(y)
+  result = resample(method, y, seed=seed, key_prefix=key_prefix, **params)
+  return label_stats.compute(y[result.indices], names)

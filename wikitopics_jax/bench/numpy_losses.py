@@ -1,9 +1,11 @@
 """Literal NumPy losses with hand-derived gradients: the baselines of the `losses` suite.
 
 Written as the papers' formulas read, on probabilities p = sigmoid(z), with the backward pass as the
-chain rule through those same formulas (no simplification such as dBCE/dz = p - y). Both return the
+chain rule through those same formulas (no simplification such as dBCE/dz = p - y). Each returns the
 batch loss (mean over labels, then over examples, as `losses.Objective`) and its gradient with
 respect to the logits. Computed in the logits' dtype (float32 in the benchmark, like ours).
+`value_and_grad_fn(name, params)` gives the baseline of a registered loss configured with `params`
+(an `Objective.params`, class statistics already filled in).
 """
 
 from __future__ import annotations
@@ -26,6 +28,95 @@ def bce_value_and_grad(z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]
   d_p = d_loss * -(y / p - (1 - y) / (1 - p))
   d_z = d_p * p * (1 - p)
   return float(loss.mean()), d_z
+
+
+def _mean_over_elements(per_label: np.ndarray, d_per_label_d_p: np.ndarray, p: np.ndarray
+                        ) -> tuple[float, np.ndarray]:
+  """Mean loss and d(mean)/dz from the per-label loss and its derivative in p (dp/dz = p (1 - p))."""
+  return float(per_label.mean()), d_per_label_d_p / per_label.size * p * (1 - p)
+
+
+def weighted_bce_value_and_grad(z, y, *, weights=1.0, pos_weights=1.0):
+  """Thesis eqs. 2.6 and 2.8: -w_j [a_j y log p + (1 - y) log(1 - p)]."""
+  p = sigmoid(z)
+  loss = -weights * (pos_weights * y * np.log(p) + (1 - y) * np.log(1 - p))
+  d_p = -weights * (pos_weights * y / p - (1 - y) / (1 - p))
+  return _mean_over_elements(loss, d_p, p)
+
+
+def focal_value_and_grad(z, y, *, gamma, alpha=None):
+  """Thesis eq. 2.2 (Lin et al. 2017): -[a y (1 - p)^g log p + (1 - a)(1 - y) p^g log(1 - p)]."""
+  p = sigmoid(z)
+  a_pos, a_neg = (1.0, 1.0) if alpha is None else (alpha, 1.0 - alpha)
+  loss = -(a_pos * y * (1 - p)**gamma * np.log(p) + a_neg * (1 - y) * p**gamma * np.log(1 - p))
+  d_p = -(a_pos * y * (-gamma * (1 - p)**(gamma - 1) * np.log(p) + (1 - p)**gamma / p)
+          + a_neg * (1 - y) * (gamma * p**(gamma - 1) * np.log(1 - p) - p**gamma / (1 - p)))
+  return _mean_over_elements(loss, d_p, p)
+
+
+def asl_value_and_grad(z, y, *, gamma_neg, gamma_pos, clip):
+  """Ridnik et al. 2021: -[y (1 - p)^g+ log p + (1 - y) p_m^g- log(1 - p_m)], p_m = max(p - m, 0)."""
+  p = sigmoid(z)
+  p_m = np.maximum(p - clip, 0)
+  loss = -(y * (1 - p)**gamma_pos * np.log(p) + (1 - y) * p_m**gamma_neg * np.log(1 - p_m))
+  # d p_m / d p is 1 where p > m and 0 where the clip holds p_m at 0.
+  with np.errstate(divide="ignore", invalid="ignore"):
+    d_neg = np.where(p_m > 0, gamma_neg * p_m**(gamma_neg - 1) * np.log(1 - p_m)
+                     - p_m**gamma_neg / (1 - p_m), 0)
+  d_p = -(y * (-gamma_pos * (1 - p)**(gamma_pos - 1) * np.log(p) + (1 - p)**gamma_pos / p)
+          + (1 - y) * d_neg)
+  return _mean_over_elements(loss, d_p, p)
+
+
+def distribution_balanced_value_and_grad(z, y, *, positives, num_examples, db_alpha, db_beta, db_mu,
+                                         db_lambda, db_kappa):
+  """Wu et al. 2020, eqs. 3-8, with the 1/C factors written out (counts clipped to [1, N - 1]):
+
+  r_hat [y log(1 + e^-(z - nu)) + (1/lambda)(1 - y) log(1 + e^(lambda (z - nu)))]; r_hat depends on y
+  only, so the backward is r_hat [-y s(-(z - nu)) + (1 - y) s(lambda (z - nu))] with s the sigmoid.
+  """
+  n = np.clip(np.asarray(positives, z.dtype), 1, num_examples - 1)
+  c = n.size
+  p_class = (1 / c) * (1 / n)
+  p_instance = (1 / c) * np.sum(y * (1 / n), axis=1, keepdims=True)
+  with np.errstate(divide="ignore", over="ignore"):
+    r = p_class / p_instance  # inf for an instance without positives: r_hat = alpha + 1.
+    r_hat = db_alpha + 1 / (1 + np.exp(-db_beta * (r - db_mu)))
+  nu = db_kappa * -np.log(num_examples / n - 1)
+  shifted = z - nu
+  loss = r_hat * (y * np.log1p(np.exp(-shifted))
+                  + (1 / db_lambda) * (1 - y) * np.log1p(np.exp(db_lambda * shifted)))
+  d_z = r_hat * (-y * sigmoid(-shifted) + (1 - y) * sigmoid(db_lambda * shifted))
+  return float(loss.mean()), (d_z / loss.size).astype(z.dtype)
+
+
+def value_and_grad_fn(name: str, params: dict):
+  """The literal baseline of registered loss `name` with its resolved parameters, or None if it has none.
+
+  MCLoss needs R, which is not a config parameter: build it with `mcloss_value_and_grad` directly.
+  """
+  params = dict(params)
+
+  def from_counts(key, formula):
+    if not isinstance(params[key], str):  # An explicit list in the config.
+      return np.asarray(params[key], np.float32)
+    pos, n = np.asarray(params["positives"], np.float64), float(params["num_examples"])
+    return formula(np.maximum(pos, 1), n).astype(np.float32)  # n_j = 0 counted as 1, as ours.
+
+  if name == "class_weighted_bce":
+    weights = from_counts("class_weights", lambda pos, n: n / (pos * pos.size))  # Eq. 2.7.
+    return lambda z, y: weighted_bce_value_and_grad(z, y, weights=weights)
+  if name == "pos_weighted_bce":
+    alphas = from_counts("pos_weights", lambda pos, n: (n - pos) / pos)  # Eq. 2.9.
+    return lambda z, y: weighted_bce_value_and_grad(z, y, pos_weights=alphas)
+  simple = {"bce": bce_value_and_grad, "focal": focal_value_and_grad, "asl": asl_value_and_grad,
+            "distribution_balanced": distribution_balanced_value_and_grad}
+  if name not in simple:
+    return None
+  fn = simple[name]
+  if name == "distribution_balanced":
+    params["num_examples"] = float(params["num_examples"])
+  return lambda z, y: fn(z, y, **params)
 
 
 def mcm_rows_per_block(num_labels: int) -> int:
