@@ -21,6 +21,27 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy
 from wikitopics_jax.errors import InputError
 
 BEST_MARKER = "best.json"
+# Replica-parallel saving splits each replicated array across its replicas, so every replica writes a
+# slice: one eagerly compiled slice program per array shape and device (936 programs, 8.5 s, for the
+# tiny model on 2 CPU devices). Worth it only for big arrays on accelerators; off on CPU, whose
+# devices share one host memory.
+_MIN_BYTES_FOR_REPLICA_PARALLEL = 1 << 20
+_array_handler_registered = False
+
+
+def _register_array_handler() -> None:
+  global _array_handler_registered
+  if _array_handler_registered:
+    return
+  from orbax.checkpoint._src.metadata import array_metadata_store  # pylint: disable=g-import-not-at-top
+  ocp.type_handlers.register_type_handler(
+      jax.Array,
+      ocp.type_handlers.ArrayHandler(
+          use_replica_parallel=jax.default_backend() != "cpu",
+          min_slice_bytes_for_replica_parallel=_MIN_BYTES_FOR_REPLICA_PARALLEL,
+          array_metadata_store=array_metadata_store.Store()),
+      override=True)
+  _array_handler_registered = True
 
 
 class Checkpointer:
@@ -29,6 +50,7 @@ class Checkpointer:
                best_mode: str = "min", async_save: bool = True, read_only: bool = False):
     if best_mode not in ("min", "max"):
       raise InputError(f"config.checkpoint.best_mode={best_mode!r}; valid: 'min', 'max'")
+    _register_array_handler()
     self.directory = os.path.abspath(directory)
     self.best_metric = best_metric
     self.best_mode = best_mode

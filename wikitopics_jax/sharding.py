@@ -25,7 +25,8 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     if num_devices > len(devices):
       raise InputError(f"config.mesh.num_devices={num_devices} but only {len(devices)} devices exist")
     devices = devices[:num_devices]
-  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
