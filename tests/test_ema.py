@@ -13,6 +13,7 @@ import pytest
 
 from tests import datasets
 from wikitopics_jax import checkpointing
+from wikitopics_jax import evaluate_job
 from wikitopics_jax import optimizers
 from wikitopics_jax import trainer
 from wikitopics_jax.errors import InputError
@@ -90,3 +91,20 @@ def test_training_checkpoints_the_ema_and_evaluates_it_next_to_the_raw_parameter
   assert 0.0 <= result["ema"]["macro_ap"] <= 1.0
   # A different set of weights gives different predictions.
   assert result["ema"]["macro_ap"] != result["macro_ap"] or rows[-1]["ema_val_loss"] != rows[-1]["val_loss"]
+
+  # The evaluate job gives the same EMA metrics, into files of its own beside the raw weights' ones.
+  best = result["checkpoint_step"]
+  raw_path = os.path.join(workdir, "eval", f"test_step{best}.json")
+  with open(raw_path) as f:
+    raw_before = f.read()
+  evaluated = evaluate_job.evaluate(workdir, checkpoint="best", split="test", thresholds="0.5", ema=True)
+  assert evaluated["macro_ap"] == pytest.approx(result["ema"]["macro_ap"], abs=1e-6)
+  assert evaluated["f1"]["macro"] == pytest.approx(result["ema"]["f1"]["macro"], abs=1e-6)
+  assert evaluated["weights"].startswith("EMA") and "0.6" in evaluated["weights"]
+  assert os.path.exists(os.path.join(workdir, "eval", f"test_ema_step{best}.json"))
+  with open(raw_path) as f:
+    assert f.read() == raw_before
+  no_ema = tiny.get_config(data_dir)
+  no_ema.thresholds.tune = False
+  with pytest.raises(InputError, match="--ema needs a run trained with config.ema.decay > 0"):
+    evaluate_job.evaluate(workdir, ema=True, config_override=no_ema)

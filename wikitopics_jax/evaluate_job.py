@@ -138,17 +138,22 @@ class RestoredModel:
   checkpoint then costs one compilation, not one per checkpoint.
   """
 
-  def __init__(self, workdir: str, *, config_override: ml_collections.ConfigDict | None = None):
+  def __init__(self, workdir: str, *, config_override: ml_collections.ConfigDict | None = None,
+               ema: bool = False):
     self.workdir = os.path.abspath(workdir)
     self.config = config_override or load_workdir_config(self.workdir)
+    self.ema = ema
     self.checkpoint_dir = os.path.join(self.workdir, "checkpoints")
     self.manifest = manifest_lib.read(self.config.data.dir)
     self.mesh = sharding_lib.make_mesh(self.config.mesh.get("num_devices"))
     # total_steps only shapes the learning-rate schedule, not the state's structure.
     self.task = task_lib.build(self.config, self.manifest, total_steps=1)
     self.placement = trainer.Placement(self.mesh, self.task.state)
+    if ema and not self.task.ema_decay:
+      raise InputError(f"{self.workdir}: --ema needs a run trained with config.ema.decay > 0; this "
+                       f"one has ema.decay = {self.config.get('ema', {}).get('decay', 0.0)}")
     self.eval_step = steps_lib.make_eval_step(self.task, state_sharding=self.placement.state,
-                                              batch_sharding=self.placement.batch)
+                                              batch_sharding=self.placement.batch, use_ema=ema)
 
   @property
   def label_names(self) -> tuple[str, ...]:
@@ -200,10 +205,12 @@ class Evaluator:
 
   def __init__(self, workdir: str, *, split: str = "test",
                config_override: ml_collections.ConfigDict | None = None,
-               thresholds: str | None = None, model: RestoredModel | None = None):
-    self.model = model or RestoredModel(workdir, config_override=config_override)
+               thresholds: str | None = None, model: RestoredModel | None = None, ema: bool = False):
+    self.model = model or RestoredModel(workdir, config_override=config_override, ema=ema)
     self.workdir = self.model.workdir
     self.split = split
+    # The EMA's files sit beside the raw weights' ones, never over them.
+    self.tag = f"{split}_ema" if self.model.ema else split
     self.thresholds = thresholds
     config, manifest = self.model.config, self.model.manifest
     manifest.split(split, where=config.data.dir)
@@ -233,40 +240,44 @@ class Evaluator:
         excluded_labels=evaluation.labels_without_ground_truth(self.model.manifest, self.split))
     result.update(split=self.split, checkpoint_step=step, thresholds_source=threshold_source,
                   ground_truth=self.ground_truth, data_dir=os.path.abspath(self.model.config.data.dir))
-    save_predictions(eval_path(self.workdir, self.split, step, ".predictions.npz"), predictions)
-    evaluation.write_json(eval_path(self.workdir, self.split, step, ".json"), result)
-    _write_text(eval_path(self.workdir, self.split, step, ".md"), markdown_report(result))
+    if self.model.ema:
+      result["weights"] = f"EMA of the parameters (decay {self.model.task.ema_decay})"
+    save_predictions(eval_path(self.workdir, self.tag, step, ".predictions.npz"), predictions)
+    evaluation.write_json(eval_path(self.workdir, self.tag, step, ".json"), result)
+    _write_text(eval_path(self.workdir, self.tag, step, ".md"), markdown_report(result))
     if jax.process_index() == 0:
       print(f"{_title(result)}, thresholds {threshold_source}:\n{metrics_lib.format_report(result)}",
             flush=True)
     return result
 
   def is_evaluated(self, step: int) -> bool:
-    return os.path.exists(eval_path(self.workdir, self.split, step, ".json"))
+    return os.path.exists(eval_path(self.workdir, self.tag, step, ".json"))
 
 
 def evaluate(workdir: str, *, checkpoint: str | int = "best", split: str = "test",
              config_override: ml_collections.ConfigDict | None = None,
-             thresholds: str | None = None) -> dict[str, Any] | list[dict[str, Any]]:
+             thresholds: str | None = None, ema: bool = False) -> dict[str, Any] | list[dict[str, Any]]:
   """Evaluates one checkpoint ("best", "latest", a step) -> its result; or "all" -> a list of results.
 
   With "all", every checkpoint on disk is evaluated in step order (also ones evaluated before) and
-  eval/<split>_checkpoints.{json,md} table them.
+  eval/<split>_checkpoints.{json,md} table them. `ema` evaluates the checkpoint's EMA of the
+  parameters (config.ema.decay > 0) instead of the raw ones, into eval/<split>_ema_step<N>.* files.
   """
-  evaluator = Evaluator(workdir, split=split, config_override=config_override, thresholds=thresholds)
+  evaluator = Evaluator(workdir, split=split, config_override=config_override, thresholds=thresholds,
+                        ema=ema)
   if checkpoint != "all":
     return evaluator.evaluate(evaluator.model.resolve_step(checkpoint))
   steps = evaluator.model.steps()
   if not steps:
     raise InputError(f"{evaluator.model.checkpoint_dir}: no checkpoints")
   results = [evaluator.evaluate(step) for step in steps]
-  write_checkpoint_table(evaluator.workdir, split)
+  write_checkpoint_table(evaluator.workdir, evaluator.tag)
   return results
 
 
 def watch(workdir: str, *, split: str = "test", poll_seconds: float = 60.0,
           timeout: float | None = None, config_override: ml_collections.ConfigDict | None = None,
-          thresholds: str | None = None,
+          thresholds: str | None = None, ema: bool = False,
           sleep: Callable[[float], None] = time.sleep) -> list[dict[str, Any]]:
   """Evaluates each checkpoint of a (running) training job once, as it appears, in step order.
 
@@ -287,7 +298,8 @@ def watch(workdir: str, *, split: str = "test", poll_seconds: float = 60.0,
     # Looked at before listing: a checkpoint written just before results.json is still found.
     training_done = _agree(os.path.exists(os.path.join(workdir, RESULTS_FILE)))
     if evaluator is None and _agree(os.path.exists(os.path.join(workdir, "config.json"))):
-      evaluator = Evaluator(workdir, split=split, config_override=config_override, thresholds=thresholds)
+      evaluator = Evaluator(workdir, split=split, config_override=config_override, thresholds=thresholds,
+                            ema=ema)
     evaluated_any = False
     while evaluator is not None:
       step = _agree(_next_unevaluated(evaluator, skip={r["checkpoint_step"] for r in results}))
@@ -300,7 +312,7 @@ def watch(workdir: str, *, split: str = "test", poll_seconds: float = 60.0,
         _log(f"skipped: {e}")
         results.append({"checkpoint_step": step, "skipped": str(e)})
     if evaluated_any:
-      write_checkpoint_table(workdir, split)
+      write_checkpoint_table(workdir, evaluator.tag)
     if training_done:
       _log(f"{workdir}: training is done ({RESULTS_FILE} exists); stopped watching")
       break
@@ -333,7 +345,8 @@ def _agree(value: bool | int) -> Any:
 
 def _title(result: dict[str, Any]) -> str:
   truth = GROUND_TRUTH_DESCRIPTIONS.get(result.get("ground_truth"), "unknown ground truth")
-  return f"Split {result['split']!r}, checkpoint step {result['checkpoint_step']}, against {truth}"
+  weights = f", {result['weights']}" if "weights" in result else ""
+  return f"Split {result['split']!r}, checkpoint step {result['checkpoint_step']}{weights}, against {truth}"
 
 
 def _md_value(value: Any, digits: int = 4) -> str:

@@ -2,7 +2,7 @@ r"""Command line: `wikitopics <command> [flags]` (or `python -m wikitopics_jax.m
 
   train     --config=configs/demo.py --workdir=DIR [--config.key=value ...]
   evaluate  --workdir=DIR [--checkpoint=best|latest|STEP|all] [--split=test] [--thresholds=saved]
-            [--watch --poll_seconds=60 --watch_timeout=0]
+            [--watch --poll_seconds=60 --watch_timeout=0] [--ema]
   predict   --workdir=DIR (--images_dir=DIR | --data_dir=DIR --split=S) --out=preds.parquet
             [--coherent] [--jsonl]
   report    --workdir=DIR [--split=test] [--checkpoint=best] [--out=DIR]
@@ -39,6 +39,8 @@ _SPLIT = flags.DEFINE_string("split", None, "Dataset split (evaluate/report: def
 _THRESHOLDS = flags.DEFINE_string(
     "thresholds", "saved", "'saved' (tuned thresholds of this checkpoint, else 0.5), a number in "
     "(0, 1), or a thresholds JSON file.")
+_EMA = flags.DEFINE_bool("ema", False, "evaluate: the checkpoint's EMA of the parameters (a run with "
+                         "config.ema.decay > 0), into eval/<split>_ema_step<N>.*")
 _WATCH = flags.DEFINE_bool("watch", False, "evaluate: evaluate each new checkpoint as training writes it.")
 _POLL = flags.DEFINE_float("poll_seconds", 60.0, "evaluate --watch: polling interval.")
 _WATCH_TIMEOUT = flags.DEFINE_float("watch_timeout", 0.0, "evaluate --watch: give up after this many "
@@ -105,7 +107,7 @@ def _train():
 def _evaluate():
   from wikitopics_jax import evaluate_job  # pylint: disable=g-import-not-at-top
   kwargs = dict(split=_SPLIT.value or "test", config_override=_CONFIG.value,
-                thresholds=_THRESHOLDS.value)
+                thresholds=_THRESHOLDS.value, ema=_EMA.value)
   if _WATCH.value:
     evaluate_job.watch(_required(_WORKDIR, "evaluate"), poll_seconds=_POLL.value,
                        timeout=_WATCH_TIMEOUT.value or None, **kwargs)
