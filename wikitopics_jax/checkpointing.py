@@ -22,8 +22,8 @@ from wikitopics_jax.errors import InputError
 
 BEST_MARKER = "best.json"
 # Replica-parallel saving splits each replicated array across its replicas, so every replica writes a
-# slice: one eagerly compiled slice program per array shape and device (936 programs, 8.5 s, for the
-# tiny model on 2 CPU devices). Worth it only for big arrays on accelerators; off on CPU, whose
+# slice: one eagerly compiled slice program per array shape and device, seconds of compilation at
+# every process's first save. Worth it only for big arrays on accelerators; off on CPU, whose
 # devices share one host memory.
 _MIN_BYTES_FOR_REPLICA_PARALLEL = 1 << 20
 _array_handler_registered = False
