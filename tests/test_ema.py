@@ -15,6 +15,7 @@ from tests import datasets
 from wikitopics_jax import checkpointing
 from wikitopics_jax import evaluate_job
 from wikitopics_jax import optimizers
+from wikitopics_jax import predict
 from wikitopics_jax import trainer
 from wikitopics_jax.errors import InputError
 
@@ -108,3 +109,15 @@ def test_training_checkpoints_the_ema_and_evaluates_it_next_to_the_raw_parameter
   no_ema.thresholds.tune = False
   with pytest.raises(InputError, match="--ema needs a run trained with config.ema.decay > 0"):
     evaluate_job.evaluate(workdir, ema=True, config_override=no_ema)
+
+  # predict --ema on the same split gives the evaluate job's EMA probabilities, example by example.
+  def predicted_probs(ema):
+    out = str(tmp_path / f"predictions_ema{ema}.jsonl")
+    predict.predict(workdir, out_path=out, data_dir=data_dir, split="test", ema=ema, jsonl=True)
+    with open(out) as f:
+      lines = [json.loads(line) for line in f]
+    return np.array([list(line["probabilities"].values()) for line in lines])
+
+  ema_saved = evaluate_job.load_predictions(workdir, "test_ema", best)["probs"]
+  np.testing.assert_allclose(predicted_probs(True), ema_saved, atol=1e-6)
+  assert not np.allclose(predicted_probs(False), ema_saved, atol=1e-6)

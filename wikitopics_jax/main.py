@@ -4,7 +4,7 @@ r"""Command line: `wikitopics <command> [flags]` (or `python -m wikitopics_jax.m
   evaluate  --workdir=DIR [--checkpoint=best|latest|STEP|all] [--split=test] [--thresholds=saved]
             [--watch --poll_seconds=60 --watch_timeout=0] [--ema]
   predict   --workdir=DIR (--images_dir=DIR | --data_dir=DIR --split=S) --out=preds.parquet
-            [--coherent] [--jsonl]
+            [--coherent] [--jsonl] [--ema]
   report    --workdir=DIR [--split=test] [--checkpoint=best] [--out=DIR]
   generate  --data_dir=DIR [--num_images=20000 --image_size=64 --seed=0 --label_noise=0]
   ingest    --data_dir=DIR --labels=TABLES [--wit_tsv=FILES] [--image_dirs=DIRS] [--kaggle_pixels=FILES]
@@ -39,8 +39,8 @@ _SPLIT = flags.DEFINE_string("split", None, "Dataset split (evaluate/report: def
 _THRESHOLDS = flags.DEFINE_string(
     "thresholds", "saved", "'saved' (tuned thresholds of this checkpoint, else 0.5), a number in "
     "(0, 1), or a thresholds JSON file.")
-_EMA = flags.DEFINE_bool("ema", False, "evaluate: the checkpoint's EMA of the parameters (a run with "
-                         "config.ema.decay > 0), into eval/<split>_ema_step<N>.*")
+_EMA = flags.DEFINE_bool("ema", False, "evaluate/predict: the checkpoint's EMA of the parameters (a run "
+                         "with config.ema.decay > 0); evaluate writes eval/<split>_ema_step<N>.*")
 _WATCH = flags.DEFINE_bool("watch", False, "evaluate: evaluate each new checkpoint as training writes it.")
 _POLL = flags.DEFINE_float("poll_seconds", 60.0, "evaluate --watch: polling interval.")
 _WATCH_TIMEOUT = flags.DEFINE_float("watch_timeout", 0.0, "evaluate --watch: give up after this many "
@@ -122,7 +122,8 @@ def _predict():
       images_dir=_IMAGES_DIR.value, data_dir=_DATA_DIR.value,
       split=(_SPLIT.value or "test") if _DATA_DIR.value else None, checkpoint=_CHECKPOINT.value,
       thresholds=_THRESHOLDS.value, coherent=_COHERENT.value, jsonl=_JSONL.value,
-      resize=_RESIZE.value if _RESIZE.present else None, config_override=_CONFIG.value)
+      resize=_RESIZE.value if _RESIZE.present else None, config_override=_CONFIG.value,
+      ema=_EMA.value)
   print(f"{run.out_path}: {run.num_images} images, {len(run.failed)} unreadable")
 
 

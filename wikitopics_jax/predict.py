@@ -103,7 +103,7 @@ def predict(workdir: str, *, out_path: str, images_dir: str | None = None, data_
             split: str | None = None, checkpoint: str | int = "best", thresholds: str | None = "saved",
             coherent: bool = False, jsonl: bool = False, resize: str | None = None,
             batch_size: int | None = None,
-            config_override: ml_collections.ConfigDict | None = None) -> PredictionRun:
+            config_override: ml_collections.ConfigDict | None = None, ema: bool = False) -> PredictionRun:
   """Predicts every image of a folder (images_dir) or of a dataset split (data_dir and split).
 
   Args:
@@ -121,6 +121,7 @@ def predict(workdir: str, *, out_path: str, images_dir: str | None = None, data_
       manifest's info["settings"]["resize"]), else "squash".
     batch_size: global batch (default config.eval_batch_size; divisible by the number of devices).
     config_override: the config to use instead of the workdir's config.json.
+    ema: predict with the checkpoint's EMA of the parameters (a run with config.ema.decay > 0).
   """
   # Bad requests fail before the model is built.
   if (images_dir is None) == (split is None):
@@ -130,7 +131,7 @@ def predict(workdir: str, *, out_path: str, images_dir: str | None = None, data_
   if resize is not None and resize not in image_decoding.RESIZE_METHODS:
     raise InputError(f"resize={resize!r} is not one of {image_decoding.RESIZE_METHODS}")
   files = list_image_files(images_dir) if images_dir is not None else None
-  model = evaluate_job.RestoredModel(workdir, config_override=config_override)
+  model = evaluate_job.RestoredModel(workdir, config_override=config_override, ema=ema)
   step = model.resolve_step(checkpoint)
   state = model.restore(step)
   batch_size = batch_size or model.config.eval_batch_size
@@ -158,6 +159,7 @@ def predict(workdir: str, *, out_path: str, images_dir: str | None = None, data_
               # +inf ("never predict") as None: the metadata stays strict JSON.
               "threshold_values": [float(t) if math.isfinite(t) else None for t in per_label],
               "coherent": coherent, "labels": list(label_names), "image_size": model.manifest.image_shape[0],
+              "weights": "ema" if ema else "raw",
               "failed_files": [{"file": name, "reason": reason} for name, reason in failed]}
   names = [[label_names[j] for j in np.flatnonzero(row)] for row in predicted]
   truth_names = None if truth is None else [[label_names[j] for j in np.flatnonzero(row)] for row in truth]
