@@ -20,6 +20,7 @@ key) prints one line naming it and exits 2; a non-finite loss exits 3.
 from __future__ import annotations
 
 import glob
+import inspect
 import json
 import os
 import sys
@@ -207,14 +208,16 @@ def _resampling_spec(spec: str) -> tuple[str, dict]:
   from wikitopics_jax import resampling  # pylint: disable=g-import-not-at-top
   from wikitopics_jax.errors import InputError  # pylint: disable=g-import-not-at-top
   method, _, fraction = spec.partition(":")
-  resampling.RESAMPLERS.get(method)  # Unknown names fail here, listing the valid ones.
+  resampler = resampling.RESAMPLERS.get(method)  # Unknown names fail here, listing the valid ones.
   if not fraction:
     return method, {}
   try:
     value = float(fraction)
   except ValueError:
     raise InputError(f"--resampling={spec}: the fraction after ':' must be a number") from None
-  return method, {("extra_fraction" if method in ("heuristic_over", "ml_ros") else "keep_fraction"): value}
+  # The fraction is whichever of the two the method takes (its registered signature says which).
+  (key,) = {"keep_fraction", "extra_fraction"} & set(inspect.signature(resampler).parameters)
+  return method, {key: value}
 
 
 def _resampled_stats(data_dir: str, split: str, method: str, params: dict) -> dict:

@@ -20,16 +20,6 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
   return 1.0 / (1.0 + np.exp(-z))
 
 
-def bce_value_and_grad(z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-  """Thesis eq. 2.1, -[y log p + (1 - y) log(1 - p)], and d(mean loss)/dz."""
-  p = sigmoid(z)
-  loss = -(y * np.log(p) + (1 - y) * np.log(1 - p))
-  d_loss = np.full_like(z, 1.0 / z.size)  # d mean / d loss_ij
-  d_p = d_loss * -(y / p - (1 - y) / (1 - p))
-  d_z = d_p * p * (1 - p)
-  return float(loss.mean()), d_z
-
-
 def _mean_over_elements(per_label: np.ndarray, d_per_label_d_p: np.ndarray, p: np.ndarray
                         ) -> tuple[float, np.ndarray]:
   """Mean loss and d(mean)/dz from the per-label loss and its derivative in p (dp/dz = p (1 - p))."""
@@ -37,7 +27,7 @@ def _mean_over_elements(per_label: np.ndarray, d_per_label_d_p: np.ndarray, p: n
 
 
 def weighted_bce_value_and_grad(z, y, *, weights=1.0, pos_weights=1.0):
-  """Thesis eqs. 2.6 and 2.8: -w_j [a_j y log p + (1 - y) log(1 - p)]."""
+  """Thesis eqs. 2.6 and 2.8: -w_j [a_j y log p + (1 - y) log(1 - p)]; unit weights give eq. 2.1."""
   p = sigmoid(z)
   loss = -weights * (pos_weights * y * np.log(p) + (1 - y) * np.log(1 - p))
   d_p = -weights * (pos_weights * y / p - (1 - y) / (1 - p))
@@ -109,7 +99,7 @@ def value_and_grad_fn(name: str, params: dict):
   if name == "pos_weighted_bce":
     alphas = from_counts("pos_weights", lambda pos, n: (n - pos) / pos)  # Eq. 2.9.
     return lambda z, y: weighted_bce_value_and_grad(z, y, pos_weights=alphas)
-  simple = {"bce": bce_value_and_grad, "focal": focal_value_and_grad, "asl": asl_value_and_grad,
+  simple = {"bce": weighted_bce_value_and_grad, "focal": focal_value_and_grad, "asl": asl_value_and_grad,
             "distribution_balanced": distribution_balanced_value_and_grad}
   if name not in simple:
     return None
