@@ -6,6 +6,10 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from wikitopics_jax import host_allocator  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+host_allocator.keep_freed_memory()  # As the CLI does, before JAX starts its threads.
+
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update("jax_compilation_cache_dir",

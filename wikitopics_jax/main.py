@@ -29,6 +29,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from wikitopics_jax import host_allocator
 from wikitopics_jax.bench import cli as bench_cli  # defines the bench flags (--suites, --tiny, --out)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
@@ -260,6 +261,7 @@ def _main(argv: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
+  host_allocator.apply_flag()  # Before JAX starts its threads.
   from wikitopics_jax.errors import InputError  # pylint: disable=g-import-not-at-top
   try:
     _main(argv)

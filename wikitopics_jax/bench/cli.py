@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from wikitopics_jax import host_allocator
 from wikitopics_jax.bench import runner
 
 _SUITES = flags.DEFINE_list("suites", None, "Suites to run, in order (default: all: "
@@ -75,6 +76,7 @@ def run_from_flags() -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
+  host_allocator.apply_flag()  # Before JAX starts its threads.
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; see --help")
   report = run_from_flags()

@@ -11,6 +11,7 @@ against the same architecture in plain PyTorch (`torch_efficientnet`): eager NCH
 and `torch.compile` (channels_last; skipped with the error when it fails), with
 `torch.set_num_threads(cores)` (XLA's CPU backend uses every core). Another row measures the depthwise
 trick: our model with depthwise_impl "shifted" against "native" (`models/depthwise.py`).
+Rows record our step's page faults (`host_allocator.py`; `--host_malloc=system` to compare).
 
 Accelerator mode: B0 and B2 at 64x64 and B0 at 224x224, bfloat16 compute, batch 256, depthwise "auto"
 (native). Rows give images/s per chip, step time, FLOPs per step and the model FLOPs utilisation
@@ -33,6 +34,7 @@ import jax
 import numpy as np
 
 from wikitopics_jax import configlib
+from wikitopics_jax import host_allocator
 from wikitopics_jax import manifest as manifest_lib
 from wikitopics_jax import pipeline
 from wikitopics_jax import sharding as sharding_lib
@@ -323,6 +325,7 @@ def _measure_setting(suite: str, setting: Setting, ctx: runner.Context,
       candidates, repeats=setting.repeats, unit="images/s", around_timed=around_timed,
       on_failure=lambda c, why: ctx.skip(suite, f"{c.name} ({setting.describe()})", why))
   ours_stats = stats["ours"][0]
+  faults = _page_faults_per_step(ours)
   step_seconds = setting.batch / ours_stats.median
   device_kind = jax.devices()[0].device_kind
   peak = peak_flops(device_kind, setting.dtype)
@@ -338,6 +341,8 @@ def _measure_setting(suite: str, setting: Setting, ctx: runner.Context,
       "first_call_s": {name: first_call for name, (_, first_call) in stats.items()},
       "cores": runner.core_count(), "torch_threads": torch_threads if torch_variants else None,
       "profiled": profile,
+      "page_faults_per_step": faults,
+      "host_malloc": "keep" if host_allocator.is_keeping() else "system",
   }
   note = _figures_note(extra)
   what = f"{'train step' if suite == TRAIN else 'inference'}, {setting.describe()}"
@@ -357,8 +362,18 @@ def _measure_setting(suite: str, setting: Setting, ctx: runner.Context,
   return rows
 
 
+def _page_faults_per_step(ours: OurStep) -> float:
+  """Minor page faults per step of ours, after a settling run (see host_allocator.py)."""
+  ours.run()
+  before = host_allocator.minor_page_faults()
+  ours.run()
+  return (host_allocator.minor_page_faults() - before) / ours.steps_per_run
+
+
 def _figures_note(extra: dict[str, Any]) -> str:
   parts = [f"step {extra['step_time_ms']:.1f} ms"]
+  parts.append(f"{extra['page_faults_per_step']:,.0f} page faults/step "
+               f"(host_malloc {extra['host_malloc']})")
   if extra["flops_per_step"]:
     parts.append(f"{extra['flops_per_step'] / 1e9:.3g} GFLOP/step (XLA cost analysis)")
   if extra["mfu"] is not None:
