@@ -135,6 +135,23 @@ def _tree_sum(a: jax.Array, axis: int) -> jax.Array:
   return jnp.squeeze(a, axis)
 
 
+# From this output height on, the kernel gradient sums the rows of all taps in one pass.
+_ONE_PASS_MIN_HEIGHT = 16
+
+
+def _sum_rows_of_all_taps(products: list[jax.Array]) -> list[jax.Array]:
+  """[sum(p, axis=1) for p in products], as one variadic reduce.
+
+  XLA fuses the shifted slices and products into a variadic reduce, which it emits itself, so the
+  input and the output gradient are read once for all k*k taps; a single-operand `reduce` would go
+  to a library kernel that needs each product written out first.
+  """
+  count = len(products)
+  zeros = tuple(jnp.zeros((), p.dtype) for p in products)
+  return list(lax.reduce(tuple(products), zeros,
+                         lambda a, b: tuple(a[i] + b[i] for i in range(count)), (1,)))
+
+
 def _kernel_grad(x: jax.Array, grad_out: jax.Array, kernel_size: int, stride: int,
                  padding: Padding) -> jax.Array:
   """Per tap: sum over batch and space of the shifted input times the output gradient."""
@@ -142,9 +159,13 @@ def _kernel_grad(x: jax.Array, grad_out: jax.Array, kernel_size: int, stride: in
   padded = jnp.pad(x.astype(acc_dtype), ((0, 0), padding[0], padding[1], (0, 0)))
   g = grad_out.astype(acc_dtype)
   out_hw = g.shape[1:3]
-  per_tap = jnp.stack([_tree_sum(_tree_sum(_tap(padded, row, col, out_hw, stride) * g, 2), 1)
-                       for row in range(kernel_size) for col in range(kernel_size)])
-  return jnp.sum(per_tap, axis=1).reshape(kernel_size, kernel_size, -1)
+  products = [_tap(padded, row, col, out_hw, stride) * g
+              for row in range(kernel_size) for col in range(kernel_size)]
+  if out_hw[0] >= _ONE_PASS_MIN_HEIGHT:
+    per_tap = [_tree_sum(r, 1) for r in _sum_rows_of_all_taps(products)]  # (B, W, C) -> (B, C)
+  else:  # On small maps the reduce's own loop is slower than the trees.
+    per_tap = [_tree_sum(_tree_sum(p, 2), 1) for p in products]
+  return jnp.sum(jnp.stack(per_tap), axis=1).reshape(kernel_size, kernel_size, -1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
