@@ -343,9 +343,10 @@ def test_strided_regular_conv_pads_like_tf(size):
 
 
 CASES = [(k, s, size) for k in (3, 5) for s in (1, 2) for size in (7, 8)]
-# Output maps of 16 rows and more take the kernel gradient's one-pass row sums.
-CASES += [(k, s, size) for k in (3, 5) for s, size in ((1, 16), (2, 33))]
-assert depthwise._ONE_PASS_MIN_HEIGHT == 16  # pylint: disable=protected-access
+# Output maps this tall (stride 1: size rows; stride 2: ceil(size / 2)) take the kernel gradient's
+# one-pass row sums.
+_TALL = depthwise._ONE_PASS_MIN_HEIGHT  # pylint: disable=protected-access
+CASES += [(k, s, size) for k in (3, 5) for s, size in ((1, _TALL), (2, 2 * _TALL + 1))]
 
 
 def _all_cases(dtype):

@@ -11,8 +11,8 @@ threshold and are recycled from the heap.
 (`mallopt`: no mmap, no trimming, one arena so that XLA's worker threads use that heap too). The
 cost: the process keeps its peak heap until it exits, and that heap holds a few temporaries' worth,
 since an aligned request does not always fit the fragment a freed one left
-(tests/test_host_allocator.py). It must run before JAX starts its
-threads (before the first computation): threads that already have a malloc arena keep it.
+(tests/test_host_allocator.py). It must run before JAX starts its threads (before the first
+computation): threads that already have a malloc arena keep it.
 `wikitopics` and the benchmark call it first thing; `--host_malloc=system` leaves glibc alone.
 """
 
