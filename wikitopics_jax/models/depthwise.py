@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from wikitopics_jax.models.reductions import sum_rows, tree_sum
+
 IMPLS = ("auto", "native", "shifted")
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -116,40 +118,8 @@ def _input_grad(grad_out: jax.Array, kernel: jax.Array, x_shape, stride: int,
   return dx
 
 
-def _tree_sum(a: jax.Array, axis: int) -> jax.Array:
-  """sum(a, axis) as a tree of elementwise adds of halves.
-
-  XLA's CPU backend hands `reduce` ops to a library kernel that cannot read fused inputs, so each
-  shifted tap of the input would be written out in full before being summed; elementwise adds fuse
-  with the slices and the product instead. Used on the
-  spatial axes only: slicing the batch axis would cut across its sharding.
-  """
-  while a.shape[axis] > 1:
-    size = a.shape[axis]
-    half = size // 2
-    odd = lax.slice_in_dim(a, 2 * half, size, axis=axis)
-    a = lax.slice_in_dim(a, 0, half, axis=axis) + lax.slice_in_dim(a, half, 2 * half, axis=axis)
-    if odd.shape[axis]:
-      first = lax.slice_in_dim(a, 0, 1, axis=axis) + odd
-      a = lax.concatenate([first, lax.slice_in_dim(a, 1, half, axis=axis)], axis)
-  return jnp.squeeze(a, axis)
-
-
 # From this output height on, the kernel gradient sums the rows of all taps in one pass.
 _ONE_PASS_MIN_HEIGHT = 16
-
-
-def _sum_rows_of_all_taps(products: list[jax.Array]) -> list[jax.Array]:
-  """[sum(p, axis=1) for p in products], as one variadic reduce.
-
-  XLA fuses the shifted slices and products into a variadic reduce, which it emits itself, so the
-  input and the output gradient are read once for all k*k taps; a single-operand `reduce` would go
-  to a library kernel that needs each product written out first.
-  """
-  count = len(products)
-  zeros = tuple(jnp.zeros((), p.dtype) for p in products)
-  return list(lax.reduce(tuple(products), zeros,
-                         lambda a, b: tuple(a[i] + b[i] for i in range(count)), (1,)))
 
 
 def _kernel_grad(x: jax.Array, grad_out: jax.Array, kernel_size: int, stride: int,
@@ -162,9 +132,11 @@ def _kernel_grad(x: jax.Array, grad_out: jax.Array, kernel_size: int, stride: in
   products = [_tap(padded, row, col, out_hw, stride) * g
               for row in range(kernel_size) for col in range(kernel_size)]
   if out_hw[0] >= _ONE_PASS_MIN_HEIGHT:
-    per_tap = [_tree_sum(r, 1) for r in _sum_rows_of_all_taps(products)]  # (B, W, C) -> (B, C)
+    # One variadic reduce sums the rows of all k*k products: the shifted slices fuse into it, so the
+    # input and the output gradient are read once for all taps.
+    per_tap = [tree_sum(r, 1) for r in sum_rows(products)]  # (B, W, C) -> (B, C)
   else:  # On small maps the reduce's own loop is slower than the trees.
-    per_tap = [_tree_sum(_tree_sum(p, 2), 1) for p in products]
+    per_tap = [tree_sum(tree_sum(p, 2), 1) for p in products]
   return jnp.sum(jnp.stack(per_tap), axis=1).reshape(kernel_size, kernel_size, -1)
 
 

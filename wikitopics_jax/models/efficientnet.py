@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from wikitopics_jax.errors import InputError
+from wikitopics_jax.models.batchnorm import ACTIVATIONS, BatchNorm
 from wikitopics_jax.models.depthwise import DepthwiseConv
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -296,28 +297,6 @@ def build_architecture(variant: Variant, *, width: float | None = None, depth: f
   return Architecture(stem, top, tuple(blocks), "relu6" if variant.lite else "swish")
 
 
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "swish": jax.nn.silu,
-    "relu6": jax.nn.relu6,
-}
-
-
-class BatchNorm(nnx.BatchNorm):
-  """`nnx.BatchNorm` that can be frozen: then it always normalises with its running statistics and
-  never updates them, also in train mode (what Keras does for a BatchNormalization layer with
-  trainable=False). `model.train()` / `model.eval()` leave `frozen` alone; `set_trainable_layers`
-  sets it."""
-
-  def __init__(self, *args, **kwargs):
-    super().__init__(*args, **kwargs)
-    self.frozen = False
-
-  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-    if self.frozen:
-      use_running_average = True
-    return super().__call__(x, use_running_average, mask=mask)
-
-
 def _batch_norm(features: int, dtype, rngs: nnx.Rngs) -> BatchNorm:
   # param_dtype float32: scale/bias and the running statistics stay float32 under bf16 compute.
   return BatchNorm(features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
@@ -377,7 +356,7 @@ class ConvBNAct(nnx.Module):
     self.activation = activation
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return _ACTIVATIONS[self.activation](self.bn(self.conv(x)))
+    return self.bn.normalize_and_activate(self.conv(x), self.activation)
 
 
 class MBConv(nnx.Module):
@@ -412,16 +391,16 @@ class MBConv(nnx.Module):
       self.drop = None
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    act = _ACTIVATIONS[self.activation]
+    act = ACTIVATIONS[self.activation].apply
     x = inputs
     if self.expand_conv is not None:
-      x = act(self.expand_bn(self.expand_conv(x)))
-    x = act(self.bn(self.dwconv(x)))
+      x = self.expand_bn.normalize_and_activate(self.expand_conv(x), self.activation)
+    x = self.bn.normalize_and_activate(self.dwconv(x), self.activation)
     if self.se_reduce is not None:
       se = jnp.mean(x, axis=(1, 2), keepdims=True)
       se = act(self.se_reduce(se))
       x = x * jax.nn.sigmoid(self.se_expand(se))
-    x = self.project_bn(self.project_conv(x))
+    x = self.project_bn.normalize_and_activate(self.project_conv(x), "identity")
     if self.spec.has_skip:
       if self.drop is not None:
         x = self.drop(x)

@@ -1,0 +1,125 @@
+"""The fused BatchNorm+activation (train mode, CPU) against nnx.BatchNorm followed by jax.nn's
+activation under JAX's autodiff: outputs, gradients and running statistics, also on a batch sharded
+over 8 fake devices; and the fused sums against NumPy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from wikitopics_jax import sharding
+from wikitopics_jax.models import batchnorm, reductions
+
+REFERENCE_ACTIVATIONS = {"swish": jax.nn.silu, "relu6": jax.nn.relu6, "identity": lambda y: y}
+CHANNELS = 6
+
+
+def _layers(dtype):
+  """Our BatchNorm and a plain nnx.BatchNorm with the same (non-trivial) scale, bias and stats."""
+  kwargs = dict(momentum=0.9, epsilon=1e-3, dtype=dtype, param_dtype=jnp.float32)
+  ours = batchnorm.BatchNorm(CHANNELS, rngs=nnx.Rngs(0), **kwargs)
+  reference = nnx.BatchNorm(CHANNELS, rngs=nnx.Rngs(0), **kwargs)
+  for layer in (ours, reference):
+    layer.scale[...] = jnp.linspace(-1.5, 2.0, CHANNELS)
+    layer.bias[...] = jnp.linspace(0.5, -0.7, CHANNELS)
+    layer.mean[...] = jnp.linspace(-0.2, 0.3, CHANNELS)
+    layer.var[...] = jnp.linspace(0.5, 2.0, CHANNELS)
+  return ours, reference
+
+
+def _inputs(shape=(3, 7, 5, CHANNELS)):
+  x = jax.random.normal(jax.random.key(0), shape) * 2.5 + 0.7
+  weights = jax.random.normal(jax.random.key(1), shape)  # Makes the loss's gradient non-uniform.
+  return x, weights
+
+
+def _value_and_grads(layer, x, weights, apply):
+  def loss(layer, x):
+    out = apply(layer, x)
+    return jnp.sum(out.astype(jnp.float32) * weights), out
+
+  (_, out), (grad_layer, grad_x) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(layer, x)
+  return {"out": out, "grad_x": grad_x, "grad_scale": grad_layer.scale[...],
+          "grad_bias": grad_layer.bias[...], "mean": layer.mean[...], "var": layer.var[...]}
+
+
+def _relative_errors(got, expected):
+  return {key: float(np.max(np.abs(np.asarray(got[key], np.float32)
+                                   - np.asarray(expected[key], np.float32)))
+                     / (np.max(np.abs(np.asarray(expected[key], np.float32))) + 1e-12))
+          for key in expected}
+
+
+@pytest.mark.parametrize("activation", sorted(batchnorm.ACTIVATIONS))
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 2e-6), (jnp.bfloat16, 3e-2)])
+def test_fused_train_mode_matches_nnx_batchnorm_and_autodiff(activation, dtype, tolerance):
+  ours, reference = _layers(dtype)
+  x, weights = _inputs()
+  x = x.astype(dtype)
+  got = _value_and_grads(ours, x, weights,
+                         lambda layer, x: layer.normalize_and_activate(x, activation))
+  expected = _value_and_grads(reference, x, weights,
+                              lambda layer, x: REFERENCE_ACTIVATIONS[activation](layer(x)))
+  assert got["out"].dtype == dtype and got["grad_x"].dtype == dtype
+  assert ours.mean[...].dtype == jnp.float32 and ours.var[...].dtype == jnp.float32
+  errors = _relative_errors(got, expected)
+  assert max(errors.values()) < tolerance, errors
+  # The running statistics moved towards the batch's (not left alone, not replaced).
+  assert not np.allclose(got["mean"], jnp.linspace(-0.2, 0.3, CHANNELS))
+
+
+def test_eval_and_frozen_use_running_statistics():
+  ours, reference = _layers(jnp.float32)
+  x, _ = _inputs()
+  ours.eval()
+  reference.eval()
+  expected = jax.nn.silu(reference(x))
+  np.testing.assert_allclose(ours.normalize_and_activate(x, "swish"), expected, rtol=1e-6, atol=1e-6)
+  ours.train()
+  ours.frozen = True
+  before = np.asarray(ours.mean[...]), np.asarray(ours.var[...])
+  np.testing.assert_allclose(ours.normalize_and_activate(x, "swish"), expected, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(ours.mean[...], before[0])
+  np.testing.assert_array_equal(ours.var[...], before[1])
+
+
+def test_statistics_are_global_when_the_batch_is_sharded():
+  """With the batch split over 8 devices, jit computes the same statistics and gradients as on one."""
+  mesh = sharding.make_mesh()
+  assert mesh.devices.size == 8
+  x, weights = _inputs((16, 6, 5, CHANNELS))
+
+  @jax.jit
+  def train(graphdef, state, x, weights):
+    layer = nnx.merge(graphdef, state)
+    result = _value_and_grads(layer, x, weights,
+                              lambda layer, x: layer.normalize_and_activate(x, "swish"))
+    return result
+
+  ours, _ = _layers(jnp.float32)
+  graphdef, state = nnx.split(ours)
+  single = train(graphdef, state, x, weights)
+  batch = sharding.batch_sharded(mesh)
+  sharded = train(graphdef, state, jax.device_put(x, batch), jax.device_put(weights, batch))
+  assert len(sharded["grad_x"].sharding.device_set) == 8
+  errors = _relative_errors(sharded, single)
+  assert max(errors.values()) < 1e-5, errors
+  # And both equal the statistics of the whole batch.
+  expected_mean = 0.9 * np.linspace(-0.2, 0.3, CHANNELS) + 0.1 * np.asarray(x).mean((0, 1, 2))
+  np.testing.assert_allclose(sharded["mean"], expected_mean, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 3), (3, 7, 5, 4), (2, 16, 9, 8), (1, 33, 3, 5)])
+def test_channel_sums_and_tree_sum_match_numpy(shape):
+  rng = np.random.default_rng(0)
+  arrays = [rng.normal(size=shape).astype(np.float32) for _ in range(3)]
+  for count in (1, 3):
+    got = jax.jit(reductions.channel_sums)([jnp.asarray(a) for a in arrays[:count]])
+    for a, g in zip(arrays, got):
+      np.testing.assert_allclose(g, a.astype(np.float64).sum((0, 1, 2)), rtol=1e-5, atol=1e-5)
+  for axis in (1, 2):
+    np.testing.assert_allclose(reductions.tree_sum(jnp.asarray(arrays[0]), axis),
+                               arrays[0].astype(np.float64).sum(axis), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,123 @@
+"""BatchNorm that can be frozen, fused with the activation that follows it when training on CPU.
+
+`BatchNorm(...).normalize_and_activate(x, activation)` is `activation(bn(x))`. In training mode on
+XLA's CPU backend it is one `jax.custom_vjp` op (`train_batch_norm_activation`) with the same
+statistics, running-average updates and gradients as `nnx.BatchNorm` followed by the activation, but
+fewer passes over memory:
+- forward: one fused pass for both statistics (sum and sum of squares), one to normalise and activate;
+- backward: one fused pass for the two per-channel sums of the gradient (the activation's derivative
+  is recomputed from the input, not stored), one to write the input gradient.
+XLA's own autodiff of the same code stores intermediate activations and sums each statistic and each
+gradient sum in a separate single-threaded library reduction (see `reductions`). Other backends,
+eval mode, frozen layers and `axis_name` (pmap) keep `nnx.BatchNorm`'s code.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from wikitopics_jax.models.reductions import channel_sums
+
+
+class Activation(NamedTuple):
+  apply: Callable[[jax.Array], jax.Array]
+  derivative: Callable[[jax.Array], jax.Array]  # d apply(y) / dy, elementwise, as JAX's autodiff.
+
+
+def _swish_derivative(y: jax.Array) -> jax.Array:
+  s = jax.nn.sigmoid(y)
+  return s * (1 + y * (1 - s))
+
+
+def _relu6_derivative(y: jax.Array) -> jax.Array:
+  # jax.nn.relu6's gradient: 1 strictly inside (0, 6), 0 elsewhere (also at the kinks).
+  return ((y > 0) & (y < 6)).astype(y.dtype)
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "swish": Activation(jax.nn.silu, _swish_derivative),
+    "relu6": Activation(jax.nn.relu6, _relu6_derivative),
+    "identity": Activation(lambda y: y, jnp.ones_like),
+}
+
+
+def _statistics(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-channel mean and biased variance as nnx.BatchNorm's fast variance: E[x^2] - E[x]^2 >= 0."""
+  count = x32.size // x32.shape[-1]
+  total, total_of_squares = channel_sums([x32, x32 * x32])
+  mean = total / count
+  return mean, jnp.maximum(0.0, total_of_squares / count - mean * mean)
+
+
+def _train_forward(x, scale, bias, activation, epsilon):
+  x32 = x.astype(jnp.float32)
+  mean, var = _statistics(x32)
+  inv_std = lax.rsqrt(var + epsilon)
+  y = (x32 - mean) * (inv_std * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+  return (ACTIVATIONS[activation].apply(y).astype(x.dtype), mean, var), (x, mean, inv_std, scale,
+                                                                         bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def train_batch_norm_activation(x: jax.Array, scale: jax.Array, bias: jax.Array, activation: str,
+                                epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """activation(BatchNorm(x)) with batch statistics: returns (output, batch mean, batch variance).
+
+  x: NHWC (channels last), in the compute dtype; statistics are float32. The returned statistics
+  are for the running averages only: their cotangents are ignored (they never reach a loss).
+  """
+  return _train_forward(x, scale, bias, activation, epsilon)[0]
+
+
+def _train_backward(activation, epsilon, residuals, cotangents):
+  del epsilon
+  x, mean, inv_std, scale, bias = residuals
+  grad_out = cotangents[0]
+  x32, scale32 = x.astype(jnp.float32), scale.astype(jnp.float32)
+  normalized = (x32 - mean) * inv_std
+  grad_y = grad_out.astype(jnp.float32) * ACTIVATIONS[activation].derivative(
+      normalized * scale32 + bias.astype(jnp.float32))
+  grad_bias, grad_scale = channel_sums([grad_y, grad_y * normalized])
+  count = x32.size // x32.shape[-1]
+  # d/dx of (x - mean) * inv_std through the batch statistics (the textbook BatchNorm backward).
+  grad_x = (scale32 * inv_std) * (grad_y - (grad_bias + normalized * grad_scale) / count)
+  return grad_x.astype(x.dtype), grad_scale.astype(scale.dtype), grad_bias.astype(bias.dtype)
+
+
+train_batch_norm_activation.defvjp(_train_forward, _train_backward)
+
+
+class BatchNorm(nnx.BatchNorm):
+  """`nnx.BatchNorm` that can be frozen: then it always normalises with its running statistics and
+  never updates them, also in train mode (what Keras does for a BatchNormalization layer with
+  trainable=False). `model.train()` / `model.eval()` leave `frozen` alone; `set_trainable_layers`
+  sets it."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.frozen = False
+
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    if self.frozen:
+      use_running_average = True
+    return super().__call__(x, use_running_average, mask=mask)
+
+  def normalize_and_activate(self, x: jax.Array, activation: str) -> jax.Array:
+    """ACTIVATIONS[activation].apply(self(x)) for NHWC x; fused in training on CPU."""
+    fused = (not self.frozen and self.use_running_average is False
+             and jax.default_backend() == "cpu" and self.axis_name is None and x.ndim == 4
+             and self.axis in (-1, 3) and self.scale is not None and self.bias is not None)
+    if not fused:
+      return ACTIVATIONS[activation].apply(self(x))
+    x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+    out, mean, var = train_batch_norm_activation(x, scale, bias, activation, self.epsilon)
+    self.mean[...] = lax.stop_gradient(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
+    self.var[...] = lax.stop_gradient(self.momentum * self.var[...] + (1 - self.momentum) * var)
+    return out
