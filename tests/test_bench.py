@@ -77,6 +77,10 @@ def test_model_suites_measure_the_depthwise_trick_and_flops(tiny_run):
   for suite in ("train_step", "inference"):
     rows = _rows(report, suite)
     assert any(row["baseline"] == "NNX, depthwise native (lax grouped conv)" for row in rows)
+    # Only training takes the fused BatchNorm path, so only train_step compares it with nnx's.
+    unfused = [row for row in rows
+               if row["baseline"] == "NNX, BatchNorm + activation by nnx.BatchNorm and autodiff"]
+    assert len(unfused) == (1 if suite == "train_step" else 0)
     for row in rows:
       extra = row["extra"]
       assert extra["flops_per_step"] > 0 and extra["step_time_ms"] > 0

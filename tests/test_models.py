@@ -171,8 +171,8 @@ def test_width_and_depth_overrides_shrink_the_model():
 def test_default_config_has_every_key():
   cfg = models.default_model_config()
   assert set(cfg.keys()) == {"name", "head", "image_size", "dropout_rate", "drop_connect_rate",
-                             "dtype", "depthwise_impl", "width_multiplier", "depth_multiplier",
-                             "input_normalization"}
+                             "dtype", "depthwise_impl", "batch_norm_impl", "width_multiplier",
+                             "depth_multiplier", "input_normalization"}
 
 
 def test_unknown_model_name_lists_valid_names():
@@ -186,6 +186,7 @@ def test_unknown_model_name_lists_valid_names():
     ("head", "mlp", r"model\.head"),
     ("dtype", "float16", r"model\.dtype"),
     ("depthwise_impl", "fast", r"model\.depthwise_impl"),
+    ("batch_norm_impl", "cudnn", r"model\.batch_norm_impl='cudnn'.*'fused'"),
     ("dropout_rate", 1.5, r"model\.dropout_rate"),
     ("width_multiplier", -1.0, r"model\.width_multiplier"),
 ])

@@ -10,8 +10,9 @@ CPU mode (`jax.default_backend() == "cpu"`): B0 at 64x64 batch 64 and at 224x224
 against the same architecture in plain PyTorch (`torch_efficientnet`): eager NCHW, eager channels_last
 and `torch.compile` (channels_last; skipped with the error when it fails), with
 `torch.set_num_threads(cores)` (XLA's CPU backend uses every core). Another row measures the depthwise
-trick: our model with depthwise_impl "shifted" against "native" (`models/depthwise.py`).
-Rows record our step's page faults (`host_allocator.py`; `--host_malloc=system` to compare).
+trick: our model with depthwise_impl "shifted" against "native" (`models/depthwise.py`); in
+`train_step`, one more the fused BatchNorm: batch_norm_impl "auto" (fused) against "nnx"
+(`models/batchnorm.py`). Rows record our step's page faults (`host_allocator.py`; `--host_malloc=system` to compare).
 
 Accelerator mode: B0 and B2 at 64x64 and B0 at 224x224, bfloat16 compute, batch 256, depthwise "auto"
 (native). Rows give images/s per chip, step time, FLOPs per step and the model FLOPs utilisation
@@ -124,7 +125,7 @@ def random_batch(setting: Setting, num_labels: int, seed: int = 0) -> dict[str, 
           "labels": (rng.random((setting.batch, num_labels)) < 0.1).astype(np.uint8)}
 
 
-def build_task(setting: Setting, depthwise_impl: str) -> task_lib.Task:
+def build_task(setting: Setting, depthwise_impl: str, batch_norm_impl: str = "auto") -> task_lib.Task:
   """The trainer's Task for a dataset of `setting.image_size` images with taxonomy v1.3 (no files)."""
   config = configlib.base_config()
   config.model.name = setting.model
@@ -132,6 +133,7 @@ def build_task(setting: Setting, depthwise_impl: str) -> task_lib.Task:
   config.model.image_size = setting.image_size
   config.model.dtype = setting.dtype
   config.model.depthwise_impl = depthwise_impl
+  config.model.batch_norm_impl = batch_norm_impl
   config.model.depth_multiplier = setting.depth_multiplier
   config.data.hierarchical = False
   config.optimizer.learning_rate = LEARNING_RATE
@@ -145,8 +147,8 @@ class OurStep:
   """Our compiled train or eval step on one device; `run()` does `steps_per_run` steps."""
 
   def __init__(self, suite: str, setting: Setting, depthwise_impl: str, batch: dict[str, np.ndarray],
-               annotate: bool):
-    self.task = build_task(setting, depthwise_impl)
+               annotate: bool, batch_norm_impl: str = "auto"):
+    self.task = build_task(setting, depthwise_impl, batch_norm_impl)
     mesh = sharding_lib.make_mesh(1)
     replicated = sharding_lib.replicated(mesh)
     batch_sharding = sharding_lib.batch_sharded(mesh)
@@ -307,6 +309,11 @@ def _measure_setting(suite: str, setting: Setting, ctx: runner.Context,
     compile_seconds["native"] = native.compile_seconds
     candidates.append(runner.Candidate("native", native.run, work=work))
     labels["native"] = "NNX, depthwise native (lax grouped conv)"
+    if suite == TRAIN:  # Evaluation never takes the fused BatchNorm path.
+      unfused = OurStep(suite, setting, "shifted", batch, annotate=False, batch_norm_impl="nnx")
+      compile_seconds["nnx_batch_norm"] = unfused.compile_seconds
+      candidates.append(runner.Candidate("nnx_batch_norm", unfused.run, work=work))
+      labels["nnx_batch_norm"] = "NNX, BatchNorm + activation by nnx.BatchNorm and autodiff"
   for label, options in torch_variants:
     try:
       step = TorchStep(suite, setting, batch, num_labels=num_labels,
@@ -357,6 +364,8 @@ def _measure_setting(suite: str, setting: Setting, ctx: runner.Context,
     row_note = note
     if name == "native":
       row_note = "the depthwise trick: speedup of 'shifted' over 'native'; " + note
+    elif name == "nnx_batch_norm":
+      row_note = "the fused BatchNorm: speedup of 'fused' over 'nnx' (batchnorm.py); " + note
     rows.append(runner.Row(suite, what, our_label, "images/s", ours_stats, baseline=labels[name],
                            baseline_stats=baseline_stats, note=row_note, extra=dict(extra)))
   return rows

@@ -16,6 +16,9 @@ model_cfg keys (all present in `default_model_config()`):
                      float32 always; logits are float32.
   depthwise_impl     "auto" (shifted on CPU, native elsewhere), "native" or "shifted"
                      (see `depthwise.py`).
+  batch_norm_impl    "auto" (fused on CPU, nnx elsewhere), "fused" (BatchNorm + activation as one
+                     custom-VJP op in training) or "nnx" (nnx.BatchNorm and autodiff); the same
+                     values either way (see `batchnorm.py`).
   width_multiplier   when not None, overrides the variant's width (e.g. a reduced B0 for demos).
   depth_multiplier   when not None, overrides the variant's depth.
   input_normalization  how the input pipeline normalises pixels for this model (`model.input_normalization`,
@@ -36,7 +39,7 @@ import ml_collections
 from flax import nnx
 
 from wikitopics_jax.errors import InputError
-from wikitopics_jax.models import depthwise
+from wikitopics_jax.models import batchnorm, depthwise
 from wikitopics_jax.models.efficientnet import (
     DEFAULT_DROP_CONNECT_RATE,
     HEADS,
@@ -75,6 +78,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       "drop_connect_rate": None,
       "dtype": "float32",
       "depthwise_impl": "auto",
+      "batch_norm_impl": "auto",
       "width_multiplier": None,
       "depth_multiplier": None,
       "input_normalization": None,
@@ -92,7 +96,7 @@ def _build_efficientnet(variant_name: str, cfg: ml_collections.ConfigDict, *, nu
       lambda init_rngs: EfficientNet(
           architecture, head=cfg.head, num_labels=num_labels, dropout_rate=dropout,
           image_size=cfg.image_size, dtype=_DTYPES[cfg.dtype], depthwise_impl=cfg.depthwise_impl,
-          input_normalization=cfg.input_normalization, rngs=init_rngs),
+          batch_norm_impl=cfg.batch_norm_impl, input_normalization=cfg.input_normalization, rngs=init_rngs),
       rngs)
 
 
@@ -122,6 +126,8 @@ def _checked(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     fail("dtype", f"must be one of {list(_DTYPES)}")
   if cfg.depthwise_impl not in depthwise.IMPLS:
     fail("depthwise_impl", f"must be one of {list(depthwise.IMPLS)}")
+  if cfg.batch_norm_impl not in batchnorm.IMPLS:
+    fail("batch_norm_impl", f"must be one of {list(batchnorm.IMPLS)}")
   if cfg.input_normalization is not None and cfg.input_normalization not in INPUT_NORMALIZATIONS:
     fail("input_normalization", f"must be None or one of {list(INPUT_NORMALIZATIONS)}")
   for key in ("dropout_rate", "drop_connect_rate"):

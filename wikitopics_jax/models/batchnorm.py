@@ -8,8 +8,11 @@ fewer passes over memory:
 - backward: one fused pass for the two per-channel sums of the gradient (the activation's derivative
   is recomputed from the input, not stored), one to write the input gradient.
 XLA's own autodiff of the same code stores intermediate activations and sums each statistic and each
-gradient sum in a separate single-threaded library reduction (see `reductions`). Other backends,
-eval mode, frozen layers and `axis_name` (pmap) keep `nnx.BatchNorm`'s code.
+gradient sum in a separate single-threaded library reduction (see `reductions`). Eval mode, frozen
+layers and `axis_name` (pmap) keep `nnx.BatchNorm`'s code.
+
+`impl` ("auto", "fused" or "nnx"; `model.batch_norm_impl`) picks the training code: "auto" is
+"fused" on CPU and "nnx" elsewhere, whose compilers fuse BatchNorm well themselves.
 """
 
 from __future__ import annotations
@@ -24,6 +27,17 @@ from flax import nnx
 from jax import lax
 
 from wikitopics_jax.models.reductions import channel_sums
+
+
+IMPLS = ("auto", "fused", "nnx")
+
+
+def resolve_impl(impl: str) -> str:
+  if impl not in IMPLS:
+    raise ValueError(f"batch_norm impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "fused" if jax.default_backend() == "cpu" else "nnx"
+  return impl
 
 
 class Activation(NamedTuple):
@@ -98,10 +112,12 @@ class BatchNorm(nnx.BatchNorm):
   """`nnx.BatchNorm` that can be frozen: then it always normalises with its running statistics and
   never updates them, also in train mode (what Keras does for a BatchNormalization layer with
   trainable=False). `model.train()` / `model.eval()` leave `frozen` alone; `set_trainable_layers`
-  sets it."""
+  sets it. `impl`: see the module docstring."""
 
-  def __init__(self, *args, **kwargs):
+  def __init__(self, *args, impl: str = "auto", **kwargs):
     super().__init__(*args, **kwargs)
+    resolve_impl(impl)  # Fail early on a bad name.
+    self.impl = impl
     self.frozen = False
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
@@ -110,9 +126,9 @@ class BatchNorm(nnx.BatchNorm):
     return super().__call__(x, use_running_average, mask=mask)
 
   def normalize_and_activate(self, x: jax.Array, activation: str) -> jax.Array:
-    """ACTIVATIONS[activation].apply(self(x)) for NHWC x; fused in training on CPU."""
+    """ACTIVATIONS[activation].apply(self(x)) for NHWC x; one fused op in training (see `impl`)."""
     fused = (not self.frozen and self.use_running_average is False
-             and jax.default_backend() == "cpu" and self.axis_name is None and x.ndim == 4
+             and resolve_impl(self.impl) == "fused" and self.axis_name is None and x.ndim == 4
              and self.axis in (-1, 3) and self.scale is not None and self.bias is not None)
     if not fused:
       return ACTIVATIONS[activation].apply(self(x))

@@ -297,9 +297,9 @@ def build_architecture(variant: Variant, *, width: float | None = None, depth: f
   return Architecture(stem, top, tuple(blocks), "relu6" if variant.lite else "swish")
 
 
-def _batch_norm(features: int, dtype, rngs: nnx.Rngs) -> BatchNorm:
+def _batch_norm(features: int, dtype, impl: str, rngs: nnx.Rngs) -> BatchNorm:
   # param_dtype float32: scale/bias and the running statistics stay float32 under bf16 compute.
-  return BatchNorm(features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
+  return BatchNorm(features, impl=impl, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
                        param_dtype=jnp.float32, scale_init=ONES, bias_init=ZEROS,
                        scale_metadata=init_metadata(ONES), bias_metadata=init_metadata(ZEROS),
                        rngs=rngs)
@@ -350,9 +350,9 @@ class ConvBNAct(nnx.Module):
   """The stem (3x3/2) and the top (1x1) of the base model."""
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, stride: int, *,
-               activation: str, dtype, rngs: nnx.Rngs):
+               activation: str, dtype, batch_norm_impl: str, rngs: nnx.Rngs):
     self.conv = _conv(in_features, out_features, kernel_size, stride=stride, dtype=dtype, rngs=rngs)
-    self.bn = _batch_norm(out_features, dtype, rngs)
+    self.bn = _batch_norm(out_features, dtype, batch_norm_impl, rngs)
     self.activation = activation
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -363,19 +363,19 @@ class MBConv(nnx.Module):
   """Mobile inverted bottleneck block; attribute names follow Keras's layer names."""
 
   def __init__(self, spec: BlockSpec, *, activation: str, dtype, depthwise_impl: str,
-               rngs: nnx.Rngs):
+               batch_norm_impl: str, rngs: nnx.Rngs):
     self.spec = spec
     self.activation = activation
     expanded = spec.expanded
     if spec.expand_ratio != 1:
       self.expand_conv = _conv(spec.filters_in, expanded, 1, dtype=dtype, rngs=rngs)
-      self.expand_bn = _batch_norm(expanded, dtype, rngs)
+      self.expand_bn = _batch_norm(expanded, dtype, batch_norm_impl, rngs)
     else:
       self.expand_conv = self.expand_bn = None
     self.dwconv = DepthwiseConv(expanded, spec.kernel_size, stride=spec.stride,
                                 impl=depthwise_impl, dtype=dtype, kernel_init=DEPTHWISE_INIT,
                                 kernel_metadata=init_metadata(DEPTHWISE_INIT), rngs=rngs)
-    self.bn = _batch_norm(expanded, dtype, rngs)
+    self.bn = _batch_norm(expanded, dtype, batch_norm_impl, rngs)
     if spec.use_se:
       squeezed = max(1, int(spec.filters_in * SE_RATIO))
       self.se_reduce = _conv(expanded, squeezed, 1, use_bias=True, dtype=dtype, rngs=rngs)
@@ -383,7 +383,7 @@ class MBConv(nnx.Module):
     else:
       self.se_reduce = self.se_expand = None
     self.project_conv = _conv(expanded, spec.filters_out, 1, dtype=dtype, rngs=rngs)
-    self.project_bn = _batch_norm(spec.filters_out, dtype, rngs)
+    self.project_bn = _batch_norm(spec.filters_out, dtype, batch_norm_impl, rngs)
     if spec.has_skip and spec.drop_rate > 0:
       # Stochastic depth = Keras's Dropout(noise_shape=(None, 1, 1, 1)): one coin per example.
       self.drop = nnx.Dropout(spec.drop_rate, broadcast_dims=(1, 2, 3), rngs=rngs)
@@ -461,20 +461,22 @@ class EfficientNet(nnx.Module):
 
   def __init__(self, architecture: Architecture, *, head: str, num_labels: int,
                dropout_rate: float, image_size: int | None, dtype, depthwise_impl: str,
-               input_normalization: str | None = None, rngs: nnx.Rngs):
+               batch_norm_impl: str = "auto", input_normalization: str | None = None,
+               rngs: nnx.Rngs):
     self.architecture = architecture
     self.dtype = dtype
     self.input_normalization = input_normalization  # Read by the train/eval steps.
     act = architecture.activation
     self.stem = ConvBNAct(3, architecture.stem_filters, 3, 2, activation=act, dtype=dtype,
-                          rngs=rngs)
+                          batch_norm_impl=batch_norm_impl, rngs=rngs)
     self.blocks = nnx.List([
-        MBConv(spec, activation=act, dtype=dtype, depthwise_impl=depthwise_impl, rngs=rngs)
+        MBConv(spec, activation=act, dtype=dtype, depthwise_impl=depthwise_impl,
+               batch_norm_impl=batch_norm_impl, rngs=rngs)
         for spec in architecture.blocks
     ])
     last = architecture.blocks[-1].filters_out
     self.top = ConvBNAct(last, architecture.top_filters, 1, 1, activation=act, dtype=dtype,
-                         rngs=rngs)
+                         batch_norm_impl=batch_norm_impl, rngs=rngs)
     if head == "thesis":
       spatial = feature_map_size(image_size, architecture)
       self.head = ThesisHead(spatial, architecture.top_filters, num_labels, dtype=dtype, rngs=rngs)
