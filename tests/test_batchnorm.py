@@ -17,10 +17,24 @@ REFERENCE_ACTIVATIONS = {"swish": jax.nn.silu, "relu6": jax.nn.relu6, "identity"
 CHANNELS = 6
 
 
-def _layers(dtype):
+@pytest.fixture
+def fused_calls(monkeypatch):
+  """Counts the layers that took the fused op (so that no test compares nnx with itself)."""
+  calls = []
+  original = batchnorm.train_batch_norm_activation
+
+  def counting(*args, **kwargs):
+    calls.append(args[3])
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(batchnorm, "train_batch_norm_activation", counting)
+  return calls
+
+
+def _layers(dtype, **extra):
   """Our BatchNorm and a plain nnx.BatchNorm with the same (non-trivial) scale, bias and stats."""
-  kwargs = dict(momentum=0.9, epsilon=1e-3, dtype=dtype, param_dtype=jnp.float32)
-  ours = batchnorm.BatchNorm(CHANNELS, rngs=nnx.Rngs(0), **kwargs)
+  kwargs = dict(momentum=0.9, epsilon=1e-3, dtype=dtype, param_dtype=jnp.float32, **extra)
+  ours = batchnorm.BatchNorm(CHANNELS, impl="fused", rngs=nnx.Rngs(0), **kwargs)
   reference = nnx.BatchNorm(CHANNELS, rngs=nnx.Rngs(0), **kwargs)
   for layer in (ours, reference):
     layer.scale[...] = jnp.linspace(-1.5, 2.0, CHANNELS)
@@ -55,7 +69,8 @@ def _relative_errors(got, expected):
 
 @pytest.mark.parametrize("activation", sorted(batchnorm.ACTIVATIONS))
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 2e-6), (jnp.bfloat16, 3e-2)])
-def test_fused_train_mode_matches_nnx_batchnorm_and_autodiff(activation, dtype, tolerance):
+def test_fused_train_mode_matches_nnx_batchnorm_and_autodiff(activation, dtype, tolerance,
+                                                             fused_calls):
   ours, reference = _layers(dtype)
   x, weights = _inputs()
   x = x.astype(dtype)
@@ -63,6 +78,7 @@ def test_fused_train_mode_matches_nnx_batchnorm_and_autodiff(activation, dtype, 
                          lambda layer, x: layer.normalize_and_activate(x, activation))
   expected = _value_and_grads(reference, x, weights,
                               lambda layer, x: REFERENCE_ACTIVATIONS[activation](layer(x)))
+  assert fused_calls == [activation]
   assert got["out"].dtype == dtype and got["grad_x"].dtype == dtype
   assert ours.mean[...].dtype == jnp.float32 and ours.var[...].dtype == jnp.float32
   errors = _relative_errors(got, expected)
@@ -71,7 +87,43 @@ def test_fused_train_mode_matches_nnx_batchnorm_and_autodiff(activation, dtype, 
   assert not np.allclose(got["mean"], jnp.linspace(-0.2, 0.3, CHANNELS))
 
 
-def test_eval_and_frozen_use_running_statistics():
+def test_bf16_relu6_gradient_is_zero_where_the_output_rounds_to_6(fused_calls):
+  """Pre-activations in [5.98, 6) round to 6 in bf16, where relu6's gradient is 0 (as nnx's)."""
+  ours, reference = _layers(jnp.bfloat16)
+  for layer in (ours, reference):
+    layer.scale[...] = jnp.full(CHANNELS, 1e-3)
+    layer.bias[...] = jnp.full(CHANNELS, 5.99)
+  x, weights = _inputs()
+  got = _value_and_grads(ours, x.astype(jnp.bfloat16), weights,
+                         lambda layer, x: layer.normalize_and_activate(x, "relu6"))
+  expected = _value_and_grads(reference, x.astype(jnp.bfloat16), weights,
+                              lambda layer, x: jax.nn.relu6(layer(x)))
+  assert fused_calls == ["relu6"]
+  np.testing.assert_array_equal(np.asarray(got["out"], np.float32), 6.0)
+  np.testing.assert_array_equal(expected["grad_bias"], 0.0)
+  np.testing.assert_array_equal(got["grad_bias"], 0.0)
+  np.testing.assert_array_equal(got["grad_scale"], 0.0)
+
+
+def test_constant_channel_and_slow_variance(fused_calls):
+  """A constant channel (variance 0, clamped) matches nnx; use_fast_variance=False keeps nnx's code."""
+  x, weights = _inputs()
+  x = x.at[..., 2].set(3.25)
+  ours, reference = _layers(jnp.float32)
+  got = _value_and_grads(ours, x, weights, lambda layer, x: layer.normalize_and_activate(x, "swish"))
+  expected = _value_and_grads(reference, x, weights, lambda layer, x: jax.nn.silu(layer(x)))
+  assert fused_calls == ["swish"]
+  errors = _relative_errors(got, expected)
+  assert max(errors.values()) < 2e-6, errors
+  ours, reference = _layers(jnp.float32, use_fast_variance=False)
+  got = _value_and_grads(ours, x, weights, lambda layer, x: layer.normalize_and_activate(x, "swish"))
+  expected = _value_and_grads(reference, x, weights, lambda layer, x: jax.nn.silu(layer(x)))
+  assert fused_calls == ["swish"]  # No second call: the slow variance is nnx's.
+  for key in expected:
+    np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_eval_and_frozen_use_running_statistics(fused_calls):
   ours, reference = _layers(jnp.float32)
   x, _ = _inputs()
   ours.eval()
@@ -84,9 +136,10 @@ def test_eval_and_frozen_use_running_statistics():
   np.testing.assert_allclose(ours.normalize_and_activate(x, "swish"), expected, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(ours.mean[...], before[0])
   np.testing.assert_array_equal(ours.var[...], before[1])
+  assert not fused_calls
 
 
-def test_statistics_are_global_when_the_batch_is_sharded():
+def test_statistics_are_global_when_the_batch_is_sharded(fused_calls):
   """With the batch split over 8 devices, jit computes the same statistics and gradients as on one."""
   mesh = sharding.make_mesh()
   assert mesh.devices.size == 8
@@ -105,6 +158,7 @@ def test_statistics_are_global_when_the_batch_is_sharded():
   batch = sharding.batch_sharded(mesh)
   sharded = train(graphdef, state, jax.device_put(x, batch), jax.device_put(weights, batch))
   assert len(sharded["grad_x"].sharding.device_set) == 8
+  assert fused_calls == ["swish", "swish"]  # One trace each.
   errors = _relative_errors(sharded, single)
   assert max(errors.values()) < 1e-5, errors
   # And both equal the statistics of the whole batch.
@@ -125,15 +179,15 @@ def test_channel_sums_and_tree_sum_match_numpy(shape):
                                arrays[0].astype(np.float64).sum(axis), rtol=1e-5, atol=1e-5)
 
 
-def test_tiny_model_trains_the_same_with_fused_and_nnx_batch_norm():
+def test_tiny_model_trains_the_same_with_fused_and_nnx_batch_norm(fused_calls):
   """One train-mode loss and its parameter gradients, and the updated statistics, of the whole tiny
-  model (swish, SE, residuals) agree between batch_norm_impl "auto" (fused on CPU) and "nnx"."""
+  model (swish, SE, residuals) agree between batch_norm_impl "fused" and "nnx"."""
   from wikitopics_jax import models  # pylint: disable=g-import-not-at-top
   # Batch 16: at batch 4, the tiny model's last maps (2x2) give statistics of 16 values, and changing
   # the input by one ulp moves nnx's own gradients by 1e-4 (relative); at 16 the two agree to 1e-5.
   x = jax.random.normal(jax.random.key(0), (16, 32, 32, 3))
   results = {}
-  for impl in ("auto", "nnx"):
+  for impl in ("fused", "nnx"):
     cfg = models.default_model_config()
     cfg.update(name="efficientnet_tiny", head="gap", image_size=32, batch_norm_impl=impl,
                drop_connect_rate=0.0, dropout_rate=0.0)
@@ -146,7 +200,10 @@ def test_tiny_model_trains_the_same_with_fused_and_nnx_batch_norm():
 
     loss, grads = loss_and_grads(model, x)
     results[impl] = (loss, nnx.state(grads, nnx.Param), nnx.state(model, nnx.BatchStat))
-  (loss, grads, stats), (ref_loss, ref_grads, ref_stats) = results["auto"], results["nnx"]
+    if impl == "fused":  # Every BatchNorm of the model (stem, blocks, top) took the fused op.
+      layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, batchnorm.BatchNorm)]
+      assert len(fused_calls) == len(layers) > 20
+  (loss, grads, stats), (ref_loss, ref_grads, ref_stats) = results["fused"], results["nnx"]
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-4, atol=1e-4)  # float32 sums in another order.
   for got, expected in ((grads, ref_grads), (stats, ref_stats)):
     a = np.concatenate([np.ravel(v[...]) for _, v in nnx.to_flat_state(got)])

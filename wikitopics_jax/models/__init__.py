@@ -17,8 +17,8 @@ model_cfg keys (all present in `default_model_config()`):
   depthwise_impl     "auto" (shifted on CPU, native elsewhere), "native" or "shifted"
                      (see `depthwise.py`).
   batch_norm_impl    "auto" (fused on CPU, nnx elsewhere), "fused" (BatchNorm + activation as one
-                     custom-VJP op in training) or "nnx" (nnx.BatchNorm and autodiff); the same
-                     values either way (see `batchnorm.py`).
+                     custom-VJP op in training; reverse-mode autodiff only) or "nnx"
+                     (nnx.BatchNorm and autodiff); equal up to rounding (see `batchnorm.py`).
   width_multiplier   when not None, overrides the variant's width (e.g. a reduced B0 for demos).
   depth_multiplier   when not None, overrides the variant's depth.
   input_normalization  how the input pipeline normalises pixels for this model (`model.input_normalization`,

@@ -1,15 +1,18 @@
 """BatchNorm that can be frozen, fused with the activation that follows it when training on CPU.
 
-`BatchNorm(...).normalize_and_activate(x, activation)` is `activation(bn(x))`. In training mode on
-XLA's CPU backend it is one `jax.custom_vjp` op (`train_batch_norm_activation`) with the same
-statistics, running-average updates and gradients as `nnx.BatchNorm` followed by the activation, but
-fewer passes over memory:
+`BatchNorm(...).normalize_and_activate(x, activation)` is `ACTIVATIONS[activation].apply(bn(x))`.
+In training mode on XLA's CPU backend it is one `jax.custom_vjp` op (`train_batch_norm_activation`)
+with the statistics, running-average updates and gradients of `nnx.BatchNorm` followed by the
+activation (equal up to floating-point rounding: sums run in another order), but fewer passes over
+memory:
 - forward: one fused pass for both statistics (sum and sum of squares), one to normalise and activate;
 - backward: one fused pass for the two per-channel sums of the gradient (the activation's derivative
   is recomputed from the input, not stored), one to write the input gradient.
 XLA's own autodiff of the same code stores intermediate activations and sums each statistic and each
 gradient sum in a separate single-threaded library reduction (see `reductions`). Eval mode, frozen
-layers and `axis_name` (pmap) keep `nnx.BatchNorm`'s code.
+layers, `use_fast_variance=False`, `axis_name` (pmap), inputs that are not NHWC and layers without
+scale or bias keep `nnx.BatchNorm`'s code. Being a custom VJP, the fused op supports reverse-mode
+autodiff only (`jax.grad`, not `jax.jvp` / `jax.jacfwd`); use `impl="nnx"` for forward mode.
 
 `impl` ("auto", "fused" or "nnx"; `model.batch_norm_impl`) picks the training code: "auto" is
 "fused" on CPU and "nnx" elsewhere, whose compilers fuse BatchNorm well themselves.
@@ -70,42 +73,59 @@ def _statistics(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
   return mean, jnp.maximum(0.0, total_of_squares / count - mean * mean)
 
 
-def _train_forward(x, scale, bias, activation, epsilon):
-  x32 = x.astype(jnp.float32)
+def _pre_activation(x32, mean, inv_std, scale, bias, dtype) -> jax.Array:
+  """nnx's normalisation, rounded to the compute dtype as nnx.BatchNorm's output is.
+
+  Forward and backward both use this, so the activation's derivative is taken exactly where the
+  forward pass applied it (for relu6 in bf16, 5.99 rounds to 6, where the derivative is 0).
+  """
+  stats_dtype = x32.dtype
+  y = (x32 - mean) * (inv_std * scale.astype(stats_dtype)) + bias.astype(stats_dtype)
+  return y.astype(dtype)
+
+
+def _fused_forward(x, scale, bias, activation, epsilon):
+  x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # Statistics: float32 at least, as nnx.
   mean, var = _statistics(x32)
   inv_std = lax.rsqrt(var + epsilon)
-  y = (x32 - mean) * (inv_std * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
-  return (ACTIVATIONS[activation].apply(y).astype(x.dtype), mean, var), (x, mean, inv_std, scale,
-                                                                         bias)
+  out = ACTIVATIONS[activation].apply(_pre_activation(x32, mean, inv_std, scale, bias, x.dtype))
+  return (out, mean, var), (x, mean, inv_std, scale, bias)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def train_batch_norm_activation(x: jax.Array, scale: jax.Array, bias: jax.Array, activation: str,
-                                epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """activation(BatchNorm(x)) with batch statistics: returns (output, batch mean, batch variance).
-
-  x: NHWC (channels last), in the compute dtype; statistics are float32. The returned statistics
-  are for the running averages only: their cotangents are ignored (they never reach a loss).
-  """
-  return _train_forward(x, scale, bias, activation, epsilon)[0]
+def _fused(x, scale, bias, activation, epsilon):
+  return _fused_forward(x, scale, bias, activation, epsilon)[0]
 
 
-def _train_backward(activation, epsilon, residuals, cotangents):
+def _fused_backward(activation, epsilon, residuals, cotangents):
   del epsilon
   x, mean, inv_std, scale, bias = residuals
-  grad_out = cotangents[0]
-  x32, scale32 = x.astype(jnp.float32), scale.astype(jnp.float32)
+  grad_out = cotangents[0]  # The statistics leave through stop_gradient: no other cotangents.
+  x32 = x.astype(mean.dtype)
+  y = _pre_activation(x32, mean, inv_std, scale, bias, x.dtype).astype(mean.dtype)
+  grad_y = grad_out.astype(mean.dtype) * ACTIVATIONS[activation].derivative(y)
   normalized = (x32 - mean) * inv_std
-  grad_y = grad_out.astype(jnp.float32) * ACTIVATIONS[activation].derivative(
-      normalized * scale32 + bias.astype(jnp.float32))
   grad_bias, grad_scale = channel_sums([grad_y, grad_y * normalized])
   count = x32.size // x32.shape[-1]
   # d/dx of (x - mean) * inv_std through the batch statistics (the textbook BatchNorm backward).
-  grad_x = (scale32 * inv_std) * (grad_y - (grad_bias + normalized * grad_scale) / count)
+  grad_x = (scale.astype(mean.dtype) * inv_std) * (
+      grad_y - (grad_bias + normalized * grad_scale) / count)
   return grad_x.astype(x.dtype), grad_scale.astype(scale.dtype), grad_bias.astype(bias.dtype)
 
 
-train_batch_norm_activation.defvjp(_train_forward, _train_backward)
+_fused.defvjp(_fused_forward, _fused_backward)
+
+
+def train_batch_norm_activation(x: jax.Array, scale: jax.Array, bias: jax.Array, activation: str,
+                                epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """ACTIVATIONS[activation].apply(BatchNorm(x)) with batch statistics, as one custom-VJP op.
+
+  x: NHWC (channels last), in the compute dtype; scale and bias as nnx.BatchNorm passes them.
+  Returns (output, batch mean, batch variance); the statistics are float32 (or x's dtype if wider)
+  and are for the running averages: they come back through `stop_gradient`.
+  """
+  out, mean, var = _fused(x, scale, bias, activation, epsilon)
+  return out, lax.stop_gradient(mean), lax.stop_gradient(var)
 
 
 class BatchNorm(nnx.BatchNorm):
@@ -127,12 +147,15 @@ class BatchNorm(nnx.BatchNorm):
 
   def normalize_and_activate(self, x: jax.Array, activation: str) -> jax.Array:
     """ACTIVATIONS[activation].apply(self(x)) for NHWC x; one fused op in training (see `impl`)."""
-    fused = (not self.frozen and self.use_running_average is False
-             and resolve_impl(self.impl) == "fused" and self.axis_name is None and x.ndim == 4
+    fused = (not self.frozen and self.use_running_average is not None
+             and not self.use_running_average and resolve_impl(self.impl) == "fused"
+             and self.use_fast_variance and self.axis_name is None and x.ndim == 4
              and self.axis in (-1, 3) and self.scale is not None and self.bias is not None)
     if not fused:
       return ACTIVATIONS[activation].apply(self(x))
-    x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+    # The same promotion as nnx.BatchNorm.__call__ (running statistics included).
+    x, _, _, scale, bias = self.promote_dtype(
+        (x, self.mean[...], self.var[...], self.scale[...], self.bias[...]), dtype=self.dtype)
     out, mean, var = train_batch_norm_activation(x, scale, bias, activation, self.epsilon)
     self.mean[...] = lax.stop_gradient(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
     self.var[...] = lax.stop_gradient(self.momentum * self.var[...] + (1 - self.momentum) * var)

@@ -33,7 +33,7 @@ def tree_sum(a: jax.Array, axis: int) -> jax.Array:
 def sum_rows(arrays: list[jax.Array]) -> list[jax.Array]:
   """[sum(a, axis=1) for a in arrays] as one variadic reduce (arrays of one shape)."""
   count = len(arrays)
-  if count == 1:  # A variadic reduce needs two operands; the extra one is a scalar XLA drops.
+  if count == 1:  # One operand would go to the library kernel: pair it with (broadcast) zeros.
     return sum_rows([arrays[0], jnp.zeros(arrays[0].shape, arrays[0].dtype)])[:1]
   zeros = tuple(jnp.zeros((), a.dtype) for a in arrays)
   return list(lax.reduce(tuple(arrays), zeros,
@@ -41,7 +41,7 @@ def sum_rows(arrays: list[jax.Array]) -> list[jax.Array]:
 
 
 def channel_sums(arrays: list[jax.Array]) -> list[jax.Array]:
-  """[sum(a, axis=(0, 1, 2)) for a in arrays] for NHWC arrays of one shape, in one fused pass.
+  """[sum(a, axis=(0, 1, 2)) for a in arrays] for NHWC arrays of one shape, reading them once.
 
   Rows go first (one variadic reduce over all arrays: (B, H, W, C) -> (B, W, C)), then columns (a
   tree), then the batch (a plain sum of a (B, C) array; under a sharded batch, the cross-device
