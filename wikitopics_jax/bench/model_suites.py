@@ -12,7 +12,8 @@ and `torch.compile` (channels_last; skipped with the error when it fails), with
 `torch.set_num_threads(cores)` (XLA's CPU backend uses every core). Another row measures the depthwise
 trick: our model with depthwise_impl "shifted" against "native" (`models/depthwise.py`); in
 `train_step`, one more the fused BatchNorm: batch_norm_impl "auto" (fused) against "nnx"
-(`models/batchnorm.py`). Rows record our step's page faults (`host_allocator.py`; `--host_malloc=system` to compare).
+(`models/batchnorm.py`). Rows record our step's page faults (`host_allocator.py`;
+`--host_malloc=system` to compare).
 
 Accelerator mode: B0 and B2 at 64x64 and B0 at 224x224, bfloat16 compute, batch 256, depthwise "auto"
 (native). Rows give images/s per chip, step time, FLOPs per step and the model FLOPs utilisation

@@ -96,7 +96,8 @@ def _build_efficientnet(variant_name: str, cfg: ml_collections.ConfigDict, *, nu
       lambda init_rngs: EfficientNet(
           architecture, head=cfg.head, num_labels=num_labels, dropout_rate=dropout,
           image_size=cfg.image_size, dtype=_DTYPES[cfg.dtype], depthwise_impl=cfg.depthwise_impl,
-          batch_norm_impl=cfg.batch_norm_impl, input_normalization=cfg.input_normalization, rngs=init_rngs),
+          batch_norm_impl=cfg.batch_norm_impl, input_normalization=cfg.input_normalization,
+          rngs=init_rngs),
       rngs)
 
 
