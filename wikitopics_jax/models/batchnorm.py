@@ -7,7 +7,8 @@ activation (equal up to floating-point rounding: sums run in another order), but
 memory:
 - forward: one fused pass for both statistics (sum and sum of squares), one to normalise and activate;
 - backward: one fused pass for the two per-channel sums of the gradient (the activation's derivative
-  is recomputed from the input, not stored), one to write the input gradient.
+  is recomputed from the input, not stored or shared with the forward pass), one to write the input
+  gradient.
 XLA's own autodiff of the same code stores intermediate activations and sums each statistic and each
 gradient sum in a separate single-threaded library reduction (see `reductions`). Eval mode, frozen
 layers, `use_fast_variance=False`, `axis_name` (pmap), inputs that are not NHWC and layers without
@@ -99,7 +100,10 @@ def _fused(x, scale, bias, activation, epsilon):
 
 def _fused_backward(activation, epsilon, residuals, cotangents):
   del epsilon
-  x, mean, inv_std, scale, bias = residuals
+  # The barrier keeps XLA from merging the activation recomputed here with the forward pass's
+  # (CSE): merged, the forward writes the sigmoid out for this pass to read, one extra full-size
+  # write and read per layer, and the forward's normalise-and-activate splits into two passes.
+  x, mean, inv_std, scale, bias = lax.optimization_barrier(residuals)
   grad_out = cotangents[0]  # The statistics leave through stop_gradient: no other cotangents.
   x32 = x.astype(mean.dtype)
   y = _pre_activation(x32, mean, inv_std, scale, bias, x.dtype).astype(mean.dtype)
