@@ -73,19 +73,33 @@ def _tap(padded: jax.Array, row: int, col: int, out_hw: tuple[int, int], stride:
   )
 
 
-def _shifted_forward(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
-  """Depthwise conv as shifted multiply-adds. x: (B, H, W, C), kernel: (k, k, C)."""
+def _pad_input(x: jax.Array, padding: Padding) -> jax.Array:
+  """x zero-padded for the taps, behind a barrier.
+
+  The barrier keeps XLA from reading the centre tap from x itself (slice(pad(x)) = x): then x was
+  written out as well as its padded copy, a whole extra pass over the largest arrays of the model.
+  With the padded array the only consumer, the activation that produces x fuses into the pad.
+  """
+  return lax.optimization_barrier(jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0))))
+
+
+def _forward_from_padded(padded: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """Depthwise conv as shifted multiply-adds. padded: (B, H + pads, W + pads, C), kernel: (k, k, C)."""
   k = kernel.shape[0]
-  acc_dtype = _accumulation_dtype(x.dtype)
-  padded = jnp.pad(x.astype(acc_dtype), ((0, 0), padding[0], padding[1], (0, 0)))
+  acc_dtype = _accumulation_dtype(padded.dtype)
   out_hw = (_output_size(padded.shape[1], k, stride), _output_size(padded.shape[2], k, stride))
   taps = kernel.astype(acc_dtype)
   out = None
   for row in range(k):
     for col in range(k):
-      term = _tap(padded, row, col, out_hw, stride) * taps[row, col]
+      term = _tap(padded, row, col, out_hw, stride).astype(acc_dtype) * taps[row, col]
       out = term if out is None else out + term
-  return out.astype(x.dtype)
+  return out.astype(padded.dtype)
+
+
+def _shifted_forward(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
+  """Depthwise conv as shifted multiply-adds. x: (B, H, W, C), kernel: (k, k, C)."""
+  return _forward_from_padded(_pad_input(x, padding), kernel, stride)
 
 
 def _input_grad(grad_out: jax.Array, kernel: jax.Array, x_shape, stride: int,
@@ -122,14 +136,13 @@ def _input_grad(grad_out: jax.Array, kernel: jax.Array, x_shape, stride: int,
 _ONE_PASS_MIN_HEIGHT = 16
 
 
-def _kernel_grad(x: jax.Array, grad_out: jax.Array, kernel_size: int, stride: int,
-                 padding: Padding) -> jax.Array:
-  """Per tap: sum over batch and space of the shifted input times the output gradient."""
-  acc_dtype = _accumulation_dtype(x.dtype)
-  padded = jnp.pad(x.astype(acc_dtype), ((0, 0), padding[0], padding[1], (0, 0)))
+def _kernel_grad(padded: jax.Array, grad_out: jax.Array, kernel_size: int,
+                 stride: int) -> jax.Array:
+  """Per tap: sum over batch and space of the shifted (padded) input times the output gradient."""
+  acc_dtype = _accumulation_dtype(padded.dtype)
   g = grad_out.astype(acc_dtype)
   out_hw = g.shape[1:3]
-  products = [_tap(padded, row, col, out_hw, stride) * g
+  products = [_tap(padded, row, col, out_hw, stride).astype(acc_dtype) * g
               for row in range(kernel_size) for col in range(kernel_size)]
   if out_hw[0] >= _ONE_PASS_MIN_HEIGHT:
     # One variadic reduce sums the rows of all k*k products: the shifted slices fuse into it, so the
@@ -148,18 +161,23 @@ def depthwise_conv_shifted(x: jax.Array, kernel: jax.Array, stride: int,
 
 
 def _shifted_fwd(x, kernel, stride, padding):
-  return _shifted_forward(x, kernel, stride, padding), (x, kernel)
+  padded = _pad_input(x, padding)
+  # The padded input is the residual: the kernel gradient reads it as it is, and x is never
+  # written out on its own (see _pad_input).
+  return _forward_from_padded(padded, kernel, stride), (padded, kernel)
 
 
 def _shifted_bwd(stride, padding, residuals, grad_out):
-  x, kernel = residuals
-  # Without the barrier XLA merges the kernel gradient's pad+slice of x with the forward pass's
-  # identical ones (CSE); a slice with two consumers is then written out, k*k copies of the input
-  # per layer, the largest item in a profile of a B0 train step on CPU. Distinct values let each side fuse its own slices.
-  x = lax.optimization_barrier(x)
-  dx = _input_grad(grad_out, kernel, x.shape, stride, padding)
-  dkernel = _kernel_grad(x, grad_out, kernel.shape[0], stride, padding)
-  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+  padded, kernel = residuals
+  # Without the barrier XLA merges the kernel gradient's slices of the padded input with the
+  # forward pass's identical ones (CSE); a slice with two consumers is then written out, k*k copies
+  # of the input per layer. Distinct values let each side fuse its own slices.
+  padded = lax.optimization_barrier(padded)
+  x_shape = (padded.shape[0], padded.shape[1] - sum(padding[0]),
+             padded.shape[2] - sum(padding[1]), padded.shape[3])
+  dx = _input_grad(grad_out, kernel, x_shape, stride, padding)
+  dkernel = _kernel_grad(padded, grad_out, kernel.shape[0], stride)
+  return dx.astype(padded.dtype), dkernel.astype(kernel.dtype)
 
 
 depthwise_conv_shifted.defvjp(_shifted_fwd, _shifted_bwd)
