@@ -5,7 +5,8 @@ In training mode on XLA's CPU backend it is one `jax.custom_vjp` op (`train_batc
 with the statistics, running-average updates and gradients of `nnx.BatchNorm` followed by the
 activation (equal up to floating-point rounding: sums run in another order), but fewer passes over
 memory:
-- forward: one fused pass for both statistics (sum and sum of squares), one to normalise and activate;
+- forward: one fused pass for both statistics (sum and sum of squares), one to normalise and
+  activate;
 - backward: one fused pass for the two per-channel sums of the gradient (the activation's derivative
   is recomputed from the input, not stored or shared with the forward pass), one to write the input
   gradient.

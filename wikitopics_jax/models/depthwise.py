@@ -84,7 +84,10 @@ def _pad_input(x: jax.Array, padding: Padding) -> jax.Array:
 
 
 def _forward_from_padded(padded: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """Depthwise conv as shifted multiply-adds. padded: (B, H + pads, W + pads, C), kernel: (k, k, C)."""
+  """Depthwise conv as shifted multiply-adds.
+
+  padded: (B, H + pads, W + pads, C), from `_pad_input`; kernel: (k, k, C).
+  """
   k = kernel.shape[0]
   acc_dtype = _accumulation_dtype(padded.dtype)
   out_hw = (_output_size(padded.shape[1], k, stride), _output_size(padded.shape[2], k, stride))
