@@ -344,10 +344,9 @@ def test_strided_regular_conv_pads_like_tf(size):
 
 
 CASES = [(k, s, size) for k in (3, 5) for s in (1, 2) for size in (7, 8)]
-# Output maps this tall (stride 1: size rows; stride 2: ceil(size / 2)) take the kernel gradient's
-# one-pass row sums.
-_TALL = depthwise._ONE_PASS_MIN_HEIGHT  # pylint: disable=protected-access
-CASES += [(k, s, size) for k in (3, 5) for s, size in ((1, _TALL), (2, 2 * _TALL + 1))]
+# 17-row outputs (stride 1: 17 rows in; stride 2: 33) take the kernel gradient's grouped row sums with
+# zero rows padded to whole groups and a second stage over the groups.
+CASES += [(k, s, size) for k in (3, 5) for s, size in ((1, 17), (2, 33))]
 
 
 def _all_cases(dtype):
