@@ -343,6 +343,48 @@ def test_strided_regular_conv_pads_like_tf(size):
   np.testing.assert_allclose(conv(jnp.asarray(x)), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_few_channel_conv_matches_numpy_and_the_library_gradients(dtype):
+  """The stem's convolution on CPU (shifted multiply-adds; patch-matrix kernel gradient)."""
+  from wikitopics_jax.models import stem_conv  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  for stride, size in ((2, 7), (2, 8), (1, 7)):
+    conv = efficientnet._conv(3, 5, 3, stride=stride, dtype=dtype, rngs=nnx.Rngs(0))  # pylint: disable=protected-access
+    assert isinstance(conv, stem_conv.FewChannelConv)
+    x = jnp.asarray(rng.normal(size=(2, size, size + 1, 3)), dtype)
+    kernel = conv.kernel[...]
+    pads = (_tf_same_literal(size, 3, stride), _tf_same_literal(size + 1, 3, stride))
+    out_shape = (2, -(-size // stride), -(-(size + 1) // stride), 5)
+    grad_out = jnp.asarray(rng.normal(size=out_shape), dtype)
+
+    graphdef, params = nnx.split(conv)
+    out, vjp = jax.vjp(lambda x, params, graphdef=graphdef: nnx.merge(graphdef, params)(x), x, params)
+    grad_x, grad_params = vjp(grad_out)
+    grad_kernel = grad_params["kernel"][...]
+    library = lambda x, kernel, stride=stride, pads=pads: jax.lax.conv_general_dilated(
+        x.astype(jnp.float32), kernel, (stride, stride), pads,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    _, library_vjp = jax.vjp(library, x, kernel)
+    want_grad_x, _ = library_vjp(grad_out.astype(jnp.float32))
+    # Kernel gradient in float64: each tap's input patch (pixels x in) against the output gradient.
+    padded = np.pad(np.asarray(x, np.float64), ((0, 0), pads[0], pads[1], (0, 0)))
+    g = np.asarray(grad_out, np.float64)
+    want_grad_kernel = np.zeros((3, 3, 3, 5))
+    for i in range(3):
+      for j in range(3):
+        patch = padded[:, i:i + (out_shape[1] - 1) * stride + 1:stride,
+                       j:j + (out_shape[2] - 1) * stride + 1:stride]
+        want_grad_kernel[i, j] = np.einsum("bhwc,bhwo->co", patch, g)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for name, got, want in (("out", out, _numpy_conv(x, kernel, stride, pads)),
+                            ("grad_x", grad_x, want_grad_x),
+                            ("grad_kernel", grad_kernel, want_grad_kernel)):
+      want = np.asarray(want, np.float64)
+      assert got.shape == want.shape, name
+      assert np.abs(np.asarray(got, np.float64) - want).max() <= tol * np.abs(want).max(), (
+          name, stride, size)
+
+
 CASES = [(k, s, size) for k in (3, 5) for s in (1, 2) for size in (7, 8)]
 # 17-row outputs (stride 1: 17 rows in; stride 2: 33) take the kernel gradient's grouped row sums with
 # zero rows padded to whole groups and a second stage over the groups.

@@ -61,7 +61,7 @@ def _accumulation_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _tap(padded: jax.Array, row: int, col: int, out_hw: tuple[int, int], stride: int) -> jax.Array:
+def tap(padded: jax.Array, row: int, col: int, out_hw: tuple[int, int], stride: int) -> jax.Array:
   """The input pixels that kernel tap (row, col) meets, one per output position."""
   batch, _, _, channels = padded.shape
   out_h, out_w = out_hw
@@ -95,7 +95,7 @@ def _forward_from_padded(padded: jax.Array, kernel: jax.Array, stride: int) -> j
   out = None
   for row in range(k):
     for col in range(k):
-      term = _tap(padded, row, col, out_hw, stride).astype(acc_dtype) * taps[row, col]
+      term = tap(padded, row, col, out_hw, stride).astype(acc_dtype) * taps[row, col]
       out = term if out is None else out + term
   return out.astype(padded.dtype)
 
@@ -130,7 +130,7 @@ def _input_grad(grad_out: jax.Array, kernel: jax.Array, x_shape, stride: int,
   dx = None
   for row in range(k):
     for col in range(k):
-      term = _tap(g_pad, row, col, (height, width), 1) * taps[k - 1 - row, k - 1 - col]
+      term = tap(g_pad, row, col, (height, width), 1) * taps[k - 1 - row, k - 1 - col]
       dx = term if dx is None else dx + term
   return dx
 
@@ -153,7 +153,7 @@ def _kernel_grad(padded: jax.Array, grad_out: jax.Array, kernel_size: int,
   for first in range(0, len(taps), per_reduce):
     # The shifted slices and products fuse into the reduce: the input and the output gradient are
     # read once for all its taps.
-    products = [_tap(padded, row, col, out_hw, stride).astype(acc_dtype) * g
+    products = [tap(padded, row, col, out_hw, stride).astype(acc_dtype) * g
                 for row, col in taps[first:first + per_reduce]]
     per_tap += [tree_sum(r, 1) for r in sum_rows(products)]  # (B, W, C) -> (B, C)
   return jnp.sum(jnp.stack(per_tap), axis=1).reshape(kernel_size, kernel_size, -1)

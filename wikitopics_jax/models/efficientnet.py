@@ -35,7 +35,9 @@ from flax import nnx
 
 from wikitopics_jax.errors import InputError
 from wikitopics_jax.models.batchnorm import ACTIVATIONS, BatchNorm
+from wikitopics_jax.models import stem_conv
 from wikitopics_jax.models.depthwise import DepthwiseConv
+from wikitopics_jax.models.squeeze_excite import scale_channels, spatial_mean
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -331,7 +333,12 @@ class PointwiseConv(nnx.Conv):
 def _conv(in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
           use_bias: bool = False, dtype, rngs: nnx.Rngs) -> nnx.Conv:
   # lax's "SAME" pads like TF's 'SAME', also asymmetrically for stride 2 (checked in tests).
-  conv_class = PointwiseConv if kernel_size == 1 and stride == 1 else nnx.Conv
+  if kernel_size == 1 and stride == 1:
+    conv_class = PointwiseConv
+  elif in_features <= stem_conv.MAX_CHANNELS:
+    conv_class = stem_conv.FewChannelConv
+  else:
+    conv_class = nnx.Conv
   return conv_class(in_features, out_features, (kernel_size, kernel_size), strides=stride,
                   padding="SAME", use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                   kernel_init=CONV_INIT, bias_init=ZEROS, kernel_metadata=init_metadata(CONV_INIT),
@@ -397,9 +404,9 @@ class MBConv(nnx.Module):
       x = self.expand_bn.normalize_and_activate(self.expand_conv(x), self.activation)
     x = self.bn.normalize_and_activate(self.dwconv(x), self.activation)
     if self.se_reduce is not None:
-      se = jnp.mean(x, axis=(1, 2), keepdims=True)
+      se = spatial_mean(x)[:, None, None, :]  # The SE convolutions are 1x1 on a 1x1 map.
       se = act(self.se_reduce(se))
-      x = x * jax.nn.sigmoid(self.se_expand(se))
+      x = scale_channels(x, jax.nn.sigmoid(self.se_expand(se))[:, 0, 0, :])
     x = self.project_bn.normalize_and_activate(self.project_conv(x), "identity")
     if self.spec.has_skip:
       if self.drop is not None:
@@ -437,8 +444,7 @@ class PooledHead(nnx.Module):
     self.logits = _dense(channels, num_labels, DENSE_INIT, dtype, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = jnp.mean(x, axis=(1, 2))
-    return self.logits(self.dropout(x))
+    return self.logits(self.dropout(spatial_mean(x)))
 
 
 def feature_map_size(image_size: int, architecture: Architecture) -> int:

@@ -32,8 +32,16 @@ def tree_sum(a: jax.Array, axis: int) -> jax.Array:
 
 def _variadic_sum(arrays: list[jax.Array], axis: int) -> list[jax.Array]:
   count = len(arrays)
-  if count == 1:  # One operand would go to the library kernel: pair it with (broadcast) zeros.
-    return _variadic_sum([arrays[0], jnp.zeros(arrays[0].shape, arrays[0].dtype)], axis)[:1]
+  if count == 1:
+    # One operand would go to the library kernel (so would two if one result were unused: XLA drops
+    # it). Sum the two halves of the channels as two operands.
+    a = arrays[0]
+    channels = a.shape[-1]
+    if channels % 2:
+      a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, 1)])
+    half = a.shape[-1] // 2
+    low, high = _variadic_sum([a[..., :half], a[..., half:]], axis)
+    return [jnp.concatenate([low, high], -1)[..., :channels]]
   zeros = tuple(jnp.zeros((), a.dtype) for a in arrays)
   return list(lax.reduce(tuple(arrays), zeros,
                          lambda a, b: tuple(a[i] + b[i] for i in range(count)), (axis,)))
