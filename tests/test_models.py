@@ -336,8 +336,10 @@ def _numpy_conv(x, kernel, stride, pads, depthwise_conv=False):
 
 @pytest.mark.parametrize("size", [7, 8])
 def test_strided_regular_conv_pads_like_tf(size):
-  conv = efficientnet._conv(3, 4, 3, stride=2, dtype=None, rngs=nnx.Rngs(0))  # pylint: disable=protected-access
-  x = np.random.default_rng(size).normal(size=(2, size, size + 1, 3)).astype(np.float32)
+  # 5 input channels: nnx.Conv itself (3 take `FewChannelConv` on CPU, tested below).
+  conv = efficientnet._conv(5, 4, 3, stride=2, dtype=None, rngs=nnx.Rngs(0))  # pylint: disable=protected-access
+  assert type(conv) is nnx.Conv  # pylint: disable=unidiomatic-typecheck
+  x = np.random.default_rng(size).normal(size=(2, size, size + 1, 5)).astype(np.float32)
   pads = (_tf_same_literal(size, 3, 2), _tf_same_literal(size + 1, 3, 2))
   want = _numpy_conv(x, conv.kernel[...], 2, pads)
   np.testing.assert_allclose(conv(jnp.asarray(x)), want, rtol=1e-5, atol=1e-5)
@@ -349,7 +351,8 @@ def test_few_channel_conv_matches_numpy_and_the_library_gradients(dtype):
   from wikitopics_jax.models import stem_conv  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(3)
   for stride, size in ((2, 7), (2, 8), (1, 7)):
-    conv = efficientnet._conv(3, 5, 3, stride=stride, dtype=dtype, rngs=nnx.Rngs(0))  # pylint: disable=protected-access
+    conv = efficientnet._conv(3, 5, 3, stride=stride, dtype=dtype,  # pylint: disable=protected-access
+                              rngs=nnx.Rngs(0))
     assert isinstance(conv, stem_conv.FewChannelConv)
     x = jnp.asarray(rng.normal(size=(2, size, size + 1, 3)), dtype)
     kernel = conv.kernel[...]
@@ -358,7 +361,8 @@ def test_few_channel_conv_matches_numpy_and_the_library_gradients(dtype):
     grad_out = jnp.asarray(rng.normal(size=out_shape), dtype)
 
     graphdef, params = nnx.split(conv)
-    out, vjp = jax.vjp(lambda x, params, graphdef=graphdef: nnx.merge(graphdef, params)(x), x, params)
+    out, vjp = jax.vjp(lambda x, params, graphdef=graphdef: nnx.merge(graphdef, params)(x),
+                       x, params)
     grad_x, grad_params = vjp(grad_out)
     grad_kernel = grad_params["kernel"][...]
     library = lambda x, kernel, stride=stride, pads=pads: jax.lax.conv_general_dilated(

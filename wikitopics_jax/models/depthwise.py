@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from wikitopics_jax.models.reductions import sum_rows, tree_sum
+from wikitopics_jax.models.reductions import accumulation_dtype, sum_rows, tree_sum
 
 IMPLS = ("auto", "native", "shifted")
 
@@ -56,11 +56,6 @@ def _output_size(padded: int, kernel_size: int, stride: int) -> int:
   return (padded - kernel_size) // stride + 1
 
 
-def _accumulation_dtype(dtype) -> jnp.dtype:
-  # bf16 products summed in bf16 would lose precision; the native conv accumulates in f32 too.
-  return jnp.promote_types(dtype, jnp.float32)
-
-
 def tap(padded: jax.Array, row: int, col: int, out_hw: tuple[int, int], stride: int) -> jax.Array:
   """The input pixels that kernel tap (row, col) meets, one per output position."""
   batch, _, _, channels = padded.shape
@@ -89,7 +84,7 @@ def _forward_from_padded(padded: jax.Array, kernel: jax.Array, stride: int) -> j
   padded: (B, H + pads, W + pads, C), from `_pad_input`; kernel: (k, k, C).
   """
   k = kernel.shape[0]
-  acc_dtype = _accumulation_dtype(padded.dtype)
+  acc_dtype = accumulation_dtype(padded.dtype)
   out_hw = (_output_size(padded.shape[1], k, stride), _output_size(padded.shape[2], k, stride))
   taps = kernel.astype(acc_dtype)
   out = None
@@ -115,7 +110,7 @@ def _input_grad(grad_out: jax.Array, kernel: jax.Array, x_shape, stride: int,
   """
   k = kernel.shape[0]
   _, height, width, _ = x_shape
-  acc_dtype = _accumulation_dtype(grad_out.dtype)
+  acc_dtype = accumulation_dtype(grad_out.dtype)
   g = grad_out.astype(acc_dtype)
   config = [(0, 0, 0)]
   for axis, size in ((1, height), (2, width)):
@@ -143,7 +138,7 @@ _MAX_TAPS_PER_REDUCE = 13
 def _kernel_grad(padded: jax.Array, grad_out: jax.Array, kernel_size: int,
                  stride: int) -> jax.Array:
   """Per tap: sum over batch and space of the shifted (padded) input times the output gradient."""
-  acc_dtype = _accumulation_dtype(padded.dtype)
+  acc_dtype = accumulation_dtype(padded.dtype)
   g = grad_out.astype(acc_dtype)
   out_hw = g.shape[1:3]
   taps = [(row, col) for row in range(kernel_size) for col in range(kernel_size)]

@@ -14,6 +14,15 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def accumulation_dtype(dtype) -> jnp.dtype:
+  """The dtype that products and sums of `dtype` values accumulate in: float32 at least.
+
+  bf16 products summed in bf16 would lose precision; XLA's native convolutions and jnp.mean
+  accumulate bf16 in float32 too.
+  """
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def tree_sum(a: jax.Array, axis: int) -> jax.Array:
   """sum(a, axis) as a tree of elementwise adds of halves.
 
@@ -48,9 +57,9 @@ def _variadic_sum(arrays: list[jax.Array], axis: int) -> list[jax.Array]:
 
 
 # Rows summed per step of the first stage. XLA's emitter loops over the output elements and, for
-# each, over the summed axis. Over all rows of a map that code is scalar (the LLVM IR XLA dumps for a
-# 56-row sum has no vector instruction); with a short constant inner loop it is vectorised along the
-# channels. In throwaway timings groups of 5-8 rows ran 2-9x faster than one pass over all rows, and
+# each, over the summed axis. Over all rows of a map that code is scalar (the LLVM IR that XLA dumps
+# for a 56-row sum has no vector instruction); with a short constant inner loop it is vectorised
+# along the channels. In throwaway timings groups of 5-8 rows ran 2-9x faster than one pass over all rows, and
 # groups of 2-4 were slower.
 _GROUP_SIZES = (8, 7, 6, 5)
 

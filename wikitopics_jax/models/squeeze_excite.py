@@ -1,11 +1,12 @@
 """Squeeze-and-excitation's two spatial operations, with sums that XLA's CPU backend fuses.
 
 `spatial_mean(x)` (the squeeze) and `scale_channels(x, gate)` (the excitation) equal
-`jnp.mean(x, axis=(1, 2))` and `x * gate[:, None, None, :]` for NHWC x and (B, C) gate, with the same
-gradients. On CPU they are custom-VJP ops that sum over space with `reductions.sum_rows`: XLA hands
+`jnp.mean(x, axis=(1, 2))` and `x * gate[:, None, None, :]` for NHWC x and a (B, C) gate, with the
+same gradients. On CPU they are custom-VJP ops that sum over space with `reductions.sum_rows`: XLA hands
 the plain code's sums (the mean, and the gate's gradient `sum(grad_out * x)` per image and channel)
 to a single-threaded library reduction, with the product written out first (see `reductions`).
-Other backends get the plain code. Being custom VJPs, the CPU ops support reverse-mode autodiff only.
+Other backends get the plain code. Being custom VJPs, the CPU ops support reverse-mode autodiff
+only.
 """
 
 from __future__ import annotations
@@ -15,11 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from wikitopics_jax.models.reductions import sum_rows, tree_sum
-
-
-def _accumulation_dtype(dtype) -> jnp.dtype:
-  return jnp.promote_types(dtype, jnp.float32)  # jnp.mean of bf16 accumulates in float32 too.
+from wikitopics_jax.models.reductions import accumulation_dtype, sum_rows, tree_sum
 
 
 def _spatial_sums(x: jax.Array) -> jax.Array:
@@ -29,7 +26,7 @@ def _spatial_sums(x: jax.Array) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _mean(x: jax.Array, spatial: tuple[int, int]) -> jax.Array:
-  total = _spatial_sums(x.astype(_accumulation_dtype(x.dtype)))
+  total = _spatial_sums(x.astype(accumulation_dtype(x.dtype)))
   return (total / (spatial[0] * spatial[1])).astype(x.dtype)
 
 
@@ -58,7 +55,7 @@ def _scale_fwd(x, gate):
 def _scale_bwd(residuals, grad_out):
   x, gate = residuals
   grad_x = grad_out * gate[:, None, None, :]
-  acc_dtype = _accumulation_dtype(x.dtype)
+  acc_dtype = accumulation_dtype(x.dtype)
   grad_gate = _spatial_sums(grad_out.astype(acc_dtype) * x.astype(acc_dtype))
   return grad_x.astype(x.dtype), grad_gate.astype(gate.dtype)
 

@@ -1,4 +1,4 @@
-"""A strided convolution of an input with few channels (the RGB stem) as k*k*C broadcast multiply-adds.
+"""Convolution of an input with few channels (the RGB stem) as k*k*C broadcast multiply-adds.
 
 XLA's CPU backend runs the stem (3x3/2, 3 -> 32 channels) through a library convolution that is
 slow for 3 input channels: in a B0 train step at 224x224 it took ~75 ms forward and ~80 ms for the
@@ -22,13 +22,10 @@ from flax import nnx
 from jax import lax
 
 from wikitopics_jax.models.depthwise import Padding, same_padding_2d, tap
+from wikitopics_jax.models.reductions import accumulation_dtype
 
 # Inputs with at most this many channels take the multiply-adds on CPU.
 MAX_CHANNELS = 4
-
-
-def _accumulation_dtype(dtype) -> jnp.dtype:
-  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _taps(x: jax.Array, kernel_size: int, stride: int, padding: Padding) -> list[jax.Array]:
@@ -48,7 +45,7 @@ def _native(x, kernel, stride, padding):
 def few_channel_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
   """Convolution of NHWC x with an HWIO kernel (square), explicit padding ((t, b), (l, r))."""
   kernel_size, _, channels, _ = kernel.shape
-  acc_dtype = _accumulation_dtype(x.dtype)
+  acc_dtype = accumulation_dtype(x.dtype)
   weights = kernel.astype(acc_dtype)
   out = None
   for index, shifted in enumerate(_taps(x.astype(acc_dtype), kernel_size, stride, padding)):
@@ -71,7 +68,7 @@ def _bwd(stride, padding, residuals, grad_out):
   grad_kernel = lax.dot_general(
       patches.reshape(-1, kernel_size * kernel_size * channels),
       grad_out.reshape(-1, out_channels), (((0,), (0,)), ((), ())),
-      preferred_element_type=_accumulation_dtype(kernel.dtype))
+      preferred_element_type=accumulation_dtype(kernel.dtype))
   _, input_vjp = jax.vjp(lambda x: _native(x, kernel, stride, padding), x)
   return input_vjp(grad_out)[0], grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
