@@ -162,6 +162,19 @@ def test_failing_baseline_is_skipped_with_its_reason():
                                on_failure=lambda c, why: skipped.append(c.name))
 
 
+def test_settling_round_runs_every_candidate_once_untimed_before_the_timed_rounds():
+  calls = []
+
+  def candidate(name):
+    return runner.Candidate(name, lambda: calls.append(name), work=1,
+                            warmup=lambda: calls.append(name + " warm-up"))
+
+  stats = runner.measure_alternating([candidate("ours"), candidate("base")], repeats=2,
+                                     unit="images/s", settling_round=True)
+  assert calls == ["ours warm-up", "base warm-up"] + ["ours", "base"] * 3
+  assert stats["ours"][0].repeats == stats["base"][0].repeats == 2
+
+
 def test_unknown_suite_lists_the_valid_names():
   with pytest.raises(InputError, match="unknown benchmark suite 'nope'.*losses"):
     runner.run_suites(["nope"], runner.Context(tiny=True))

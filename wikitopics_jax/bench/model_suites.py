@@ -333,7 +333,8 @@ def _measure_setting(suite: str, setting: Setting, ctx: runner.Context,
   ctx.log(f"[{suite}] {setting.describe()}: timing {len(candidates)} implementations")
   stats = runner.measure_alternating(
       candidates, repeats=setting.repeats, unit="images/s", around_timed=around_timed,
-      on_failure=lambda c, why: ctx.skip(suite, f"{c.name} ({setting.describe()})", why))
+      on_failure=lambda c, why: ctx.skip(suite, f"{c.name} ({setting.describe()})", why),
+      settling_round=True)
   ours_stats = stats["ours"][0]
   faults = _page_faults_per_step(ours)
   step_seconds = setting.batch / ours_stats.median
