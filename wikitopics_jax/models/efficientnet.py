@@ -34,8 +34,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from wikitopics_jax.errors import InputError
-from wikitopics_jax.models.batchnorm import ACTIVATIONS, BatchNorm
 from wikitopics_jax.models import stem_conv
+from wikitopics_jax.models.batchnorm import ACTIVATIONS, BatchNorm
 from wikitopics_jax.models.depthwise import DepthwiseConv
 from wikitopics_jax.models.squeeze_excite import scale_channels, spatial_mean
 
