@@ -43,11 +43,13 @@ from wikitopics_jax import sharding as sharding_lib
 from wikitopics_jax import steps
 from wikitopics_jax import task as task_lib
 from wikitopics_jax import taxonomy as taxonomy_lib
+from wikitopics_jax.bench import keras_baseline
 from wikitopics_jax.bench import runner
 
 TRAIN, INFERENCE = "train_step", "inference"
 TAXONOMY = "v1.3"
 LEARNING_RATE = 1e-3
+KERAS_LABEL = "TF-Keras (keras.applications), graph mode"
 ADAM_EPS = 1e-7  # Keras's, as optimizers.py.
 TINY_DEPTH = 0.1  # One block per stage: --tiny checks the machinery, its figures mean nothing.
 
@@ -287,16 +289,23 @@ def _run_suite(suite: str, ctx: runner.Context) -> list[runner.Row]:
   else:
     torch.set_num_threads(torch_threads)
     torch_variants = _torch_variants(ctx, suite, torch)
+  keras = None
+  if ctx.mode == "accelerator":
+    ctx.skip(suite, "TF-Keras baseline", "CPU mode only (the thesis prototype's stack on CPU)")
+  else:
+    keras, why_not = keras_baseline.keras_or_reason(torch_threads)
+    if keras is None:
+      ctx.skip(suite, "TF-Keras baseline", why_not)
   rows = []
   for setting in settings_for(suite, ctx):
     # One setting at a time: its models and compiled programs are freed before the next is built.
-    rows += _measure_setting(suite, setting, ctx, torch_variants, torch_threads)
+    rows += _measure_setting(suite, setting, ctx, torch_variants, torch_threads, keras)
   return rows
 
 
 def _measure_setting(suite: str, setting: Setting, ctx: runner.Context,
                      torch_variants: list[tuple[str, dict[str, Any]]],
-                     torch_threads: int) -> list[runner.Row]:
+                     torch_threads: int, keras) -> list[runner.Row]:
   accelerator = ctx.mode == "accelerator"
   profile = suite == TRAIN and ctx.profile_dir is not None
   num_labels = taxonomy_lib.load(TAXONOMY).num_labels
@@ -326,6 +335,18 @@ def _measure_setting(suite: str, setting: Setting, ctx: runner.Context,
       continue
     candidates.append(runner.Candidate(label, step.run, work=work))
     labels[label] = label
+  if keras is not None:
+    label = KERAS_LABEL
+    try:
+      step = keras_baseline.KerasStep(
+          keras, model=setting.model, train=suite == TRAIN, batch=batch, num_labels=num_labels,
+          expected_params=ours.task.num_params, learning_rate=LEARNING_RATE, adam_epsilon=ADAM_EPS,
+          steps_per_run=setting.steps_per_run)
+    except Exception as e:  # pylint: disable=broad-except
+      ctx.skip(suite, f"{label} ({setting.describe()})", f"{type(e).__name__}: {e}")
+    else:
+      candidates.append(runner.Candidate(label, step.run, work=work))
+      labels[label] = label
 
   def around_timed():
     return jax.profiler.trace(ctx.profile_dir) if profile else contextlib.nullcontext()
