@@ -270,7 +270,8 @@ def _load_average() -> list[float] | None:
 
 def versions() -> dict[str, str | None]:
   out = {}
-  for package in ("jax", "jaxlib", "flax", "optax", "numpy", "grain", "scikit-learn", "torch"):
+  for package in ("jax", "jaxlib", "flax", "optax", "numpy", "grain", "scikit-learn", "torch",
+                  "tensorflow-cpu", "keras"):
     try:
       out[package] = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
