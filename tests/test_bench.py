@@ -240,3 +240,22 @@ def test_torch_efficientnet_has_our_parameter_count_and_logits():
     with torch.no_grad():
       torch_logits = theirs(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
     np.testing.assert_allclose(torch_logits, np.asarray(forward(ours, x)), atol=1e-5)
+
+
+def test_keras_baseline_is_b0_with_our_trainable_parameter_count():
+  """The TF-Keras baseline (optional extra bench-keras) builds B0 only and checks its parameters."""
+  pytest.importorskip("tensorflow")
+  from wikitopics_jax.bench import keras_baseline  # pylint: disable=g-import-not-at-top
+  keras, why_not = keras_baseline.keras_or_reason(threads=1)
+  assert keras is not None, why_not
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 255, (2, 32, 32, 3), dtype=np.uint8),
+           "labels": rng.integers(0, 2, (2, 31), dtype=np.int8)}
+  options = dict(train=True, batch=batch, num_labels=31, learning_rate=1e-3, adam_epsilon=1e-7,
+                 steps_per_run=1)
+  with pytest.raises(ValueError, match="efficientnet_b0"):
+    keras_baseline.KerasStep(keras, model="efficientnet_tiny", expected_params=1, **options)
+  # Our B0 with a 31-label pooled head: 4,007,548 base + 1280 * 31 + 31 head parameters.
+  keras_baseline.KerasStep(keras, model="efficientnet_b0", expected_params=4_047_259, **options)
+  with pytest.raises(AssertionError, match="not the same architecture"):
+    keras_baseline.KerasStep(keras, model="efficientnet_b0", expected_params=4_047_260, **options)
