@@ -1,12 +1,13 @@
-"""The thesis prototype's stack as a benchmark baseline: TF-Keras EfficientNet-B0 (`keras.applications`).
+"""The thesis prototype's stack as a benchmark baseline: TF-Keras EfficientNet-B0.
 
 `KerasStep` runs the same work as `model_suites.OurStep` and `TorchStep`: scale a uint8 NHWC batch
-(Keras's own Rescaling and Normalization input layers, inside the model), the B0 base with global
-average pooling, Dense(num_labels) logits, and for training BCE on the logits and one Adam step
-(learning rate 1e-3, Keras's epsilon 1e-7); for inference the logits. It uses `train_on_batch` / `predict_on_batch`
-in graph mode without XLA (`jit_compile=False`, the TF-Keras default the thesis trained with; XLA's
-CPU backend is what the shifted depthwise convolution works around). TensorFlow's thread pools get
-the same cores as the other sides. Optional: `pip install -e '.[bench-keras]'`.
+(Keras's own Rescaling and Normalization input layers, inside the model), the B0 base of
+`keras.applications` with global average pooling, Dense(num_labels) logits, and for training BCE on
+the logits and one Adam step (learning rate 1e-3, Keras's epsilon 1e-7); for inference the logits.
+It uses `train_on_batch` / `predict_on_batch` in graph mode without XLA (`jit_compile=False`, the
+TF-Keras default the thesis trained with; XLA's CPU backend is what the shifted depthwise
+convolution works around). TensorFlow's intra-op threads get the same cores as the other sides.
+Optional: `pip install -e '.[bench-keras]'`.
 """
 
 from __future__ import annotations

@@ -49,8 +49,8 @@ from wikitopics_jax.bench import runner
 TRAIN, INFERENCE = "train_step", "inference"
 TAXONOMY = "v1.3"
 LEARNING_RATE = 1e-3
-KERAS_LABEL = "TF-Keras (keras.applications), graph mode"
 ADAM_EPS = 1e-7  # Keras's, as optimizers.py.
+KERAS_LABEL = "TF-Keras (keras.applications), graph mode"
 TINY_DEPTH = 0.1  # One block per stage: --tiny checks the machinery, its figures mean nothing.
 
 # Dense (no sparsity) bfloat16 peak FLOP/s per chip, from the vendors' datasheets, keyed by a
@@ -336,17 +336,16 @@ def _measure_setting(suite: str, setting: Setting, ctx: runner.Context,
     candidates.append(runner.Candidate(label, step.run, work=work))
     labels[label] = label
   if keras is not None:
-    label = KERAS_LABEL
     try:
       step = keras_baseline.KerasStep(
           keras, model=setting.model, train=suite == TRAIN, batch=batch, num_labels=num_labels,
           expected_params=ours.task.num_params, learning_rate=LEARNING_RATE, adam_epsilon=ADAM_EPS,
           steps_per_run=setting.steps_per_run)
     except Exception as e:  # pylint: disable=broad-except
-      ctx.skip(suite, f"{label} ({setting.describe()})", f"{type(e).__name__}: {e}")
+      ctx.skip(suite, f"{KERAS_LABEL} ({setting.describe()})", f"{type(e).__name__}: {e}")
     else:
-      candidates.append(runner.Candidate(label, step.run, work=work))
-      labels[label] = label
+      candidates.append(runner.Candidate(KERAS_LABEL, step.run, work=work))
+      labels[KERAS_LABEL] = KERAS_LABEL
 
   def around_timed():
     return jax.profiler.trace(ctx.profile_dir) if profile else contextlib.nullcontext()

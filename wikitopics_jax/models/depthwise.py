@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from wikitopics_jax.models.reductions import accumulation_dtype, sum_rows, tree_sum
+from wikitopics_jax.models.reductions import accumulation_dtype, spatial_sums
 
 IMPLS = ("auto", "native", "shifted")
 
@@ -150,7 +150,7 @@ def _kernel_grad(padded: jax.Array, grad_out: jax.Array, kernel_size: int,
     # read once for all its taps.
     products = [tap(padded, row, col, out_hw, stride).astype(acc_dtype) * g
                 for row, col in taps[first:first + per_reduce]]
-    per_tap += [tree_sum(r, 1) for r in sum_rows(products)]  # (B, W, C) -> (B, C)
+    per_tap += spatial_sums(products)  # (B, C) each
   return jnp.sum(jnp.stack(per_tap), axis=1).reshape(kernel_size, kernel_size, -1)
 
 

@@ -59,8 +59,8 @@ def _variadic_sum(arrays: list[jax.Array], axis: int) -> list[jax.Array]:
 # Rows summed per step of the first stage. XLA's emitter loops over the output elements and, for
 # each, over the summed axis. Over all rows of a map that code is scalar (the LLVM IR that XLA dumps
 # for a 56-row sum has no vector instruction); with a short constant inner loop it is vectorised
-# along the channels. In throwaway timings groups of 5-8 rows ran 2-9x faster than one pass over all rows, and
-# groups of 2-4 were slower.
+# along the channels. In throwaway timings groups of 5-8 rows ran faster than one pass over all
+# rows, and groups of 2-4 slower.
 _GROUP_SIZES = (8, 7, 6, 5)
 
 
@@ -89,11 +89,19 @@ def sum_rows(arrays: list[jax.Array]) -> list[jax.Array]:
   return _variadic_sum(group_sums, 1)
 
 
+def spatial_sums(arrays: list[jax.Array]) -> list[jax.Array]:
+  """[sum(a, axis=(1, 2)) for a in arrays] for NHWC arrays of one shape, reading them once.
+
+  Rows go first (`sum_rows`, all arrays at once: (B, H, W, C) -> (B, W, C)), then columns (a
+  tree): (B, C) each.
+  """
+  return [tree_sum(rows, 1) for rows in sum_rows(arrays)]
+
+
 def channel_sums(arrays: list[jax.Array]) -> list[jax.Array]:
   """[sum(a, axis=(0, 1, 2)) for a in arrays] for NHWC arrays of one shape, reading them once.
 
-  Rows go first (`sum_rows`, all arrays at once: (B, H, W, C) -> (B, W, C)), then columns (a
-  tree), then the batch (a plain sum of a (B, C) array; under a sharded batch, the cross-device
-  part).
+  `spatial_sums`, then the batch (a plain sum of a (B, C) array; under a sharded batch, the
+  cross-device part).
   """
-  return [jnp.sum(tree_sum(rows, 1), axis=0) for rows in sum_rows(arrays)]
+  return [jnp.sum(sums, axis=0) for sums in spatial_sums(arrays)]

@@ -2,11 +2,11 @@
 
 `spatial_mean(x)` (the squeeze) and `scale_channels(x, gate)` (the excitation) equal
 `jnp.mean(x, axis=(1, 2))` and `x * gate[:, None, None, :]` for NHWC x and a (B, C) gate, with the
-same gradients. On CPU they are custom-VJP ops that sum over space with `reductions.sum_rows`: XLA hands
-the plain code's sums (the mean, and the gate's gradient `sum(grad_out * x)` per image and channel)
-to a single-threaded library reduction, with the product written out first (see `reductions`).
-Other backends get the plain code. Being custom VJPs, the CPU ops support reverse-mode autodiff
-only.
+same gradients. On CPU they are custom-VJP ops that sum over space with `reductions.spatial_sums`.
+XLA hands the plain code's sums (the mean, and the gate's gradient `sum(grad_out * x)` per image
+and channel) to a single-threaded library reduction, with the product written out first (see
+`reductions`). Other backends get the plain code. Being custom VJPs, the CPU ops support
+reverse-mode autodiff only.
 """
 
 from __future__ import annotations
@@ -16,17 +16,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from wikitopics_jax.models.reductions import accumulation_dtype, sum_rows, tree_sum
-
-
-def _spatial_sums(x: jax.Array) -> jax.Array:
-  """sum(x, axis=(1, 2)) of NHWC x: (B, C)."""
-  return tree_sum(sum_rows([x])[0], 1)
+from wikitopics_jax.models.reductions import accumulation_dtype, spatial_sums
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _mean(x: jax.Array, spatial: tuple[int, int]) -> jax.Array:
-  total = _spatial_sums(x.astype(accumulation_dtype(x.dtype)))
+  (total,) = spatial_sums([x.astype(accumulation_dtype(x.dtype))])
   return (total / (spatial[0] * spatial[1])).astype(x.dtype)
 
 
@@ -56,7 +51,7 @@ def _scale_bwd(residuals, grad_out):
   x, gate = residuals
   grad_x = grad_out * gate[:, None, None, :]
   acc_dtype = accumulation_dtype(x.dtype)
-  grad_gate = _spatial_sums(grad_out.astype(acc_dtype) * x.astype(acc_dtype))
+  (grad_gate,) = spatial_sums([grad_out.astype(acc_dtype) * x.astype(acc_dtype)])
   return grad_x.astype(x.dtype), grad_gate.astype(gate.dtype)
 
 
