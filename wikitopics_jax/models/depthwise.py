@@ -131,7 +131,7 @@ def _input_grad(grad_out: jax.Array, kernel: jax.Array, x_shape, stride: int,
 
 
 # Products summed by one reduce in the kernel gradient: all 9 of a 3x3 kernel, a 5x5 kernel's 25 in
-# two reduces. In throwaway timings 25 operands in one reduce ran up to 2x slower than 13 + 12.
+# two reduces. In throwaway timings 25 operands in one reduce ran slower than 13 + 12.
 _MAX_TAPS_PER_REDUCE = 13
 
 

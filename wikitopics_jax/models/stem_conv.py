@@ -1,11 +1,11 @@
 """Convolution of an input with few channels (the RGB stem) as k*k*C broadcast multiply-adds.
 
 XLA's CPU backend runs the stem (3x3/2, 3 -> 32 channels) through a library convolution that is
-slow for 3 input channels: in a B0 train step at 224x224 it took ~75 ms forward and ~80 ms for the
-kernel gradient (with two transposed copies) per step. Here the forward pass is one fused loop over
-the output with k*k*C multiply-adds per element (the shifted slices of the padded input, each
-channel broadcast along the output channels), and the kernel gradient is one matrix product of the
-patch matrix (pixels x k*k*C) with the output gradient; 17 and 42 ms in throwaway timings. The input
+slow for 3 input channels, and its kernel gradient made two transposed copies (a profile of the B0
+train step at 224x224). Here the forward pass is one fused loop over the output with k*k*C
+multiply-adds per element (the shifted slices of the padded input, each channel broadcast along
+the output channels), and the kernel gradient is one matrix product of the patch matrix
+(pixels x k*k*C) with the output gradient; both ran faster in throwaway timings. The input
 gradient (unused when the input is the image, then removed by XLA) is the library convolution's.
 
 `FewChannelConv` is an `nnx.Conv` (same parameters) that computes this way on CPU and like
