@@ -1,4 +1,5 @@
-"""`fetch` against a local HTTP server (127.0.0.1 only) that misbehaves like a busy upload server."""
+"""`fetch` against local HTTP servers (loopback only: 127.0.0.1, and 127.0.0.2 as "another host")
+that misbehave like a busy upload server or a hostile one."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import http.server
 import io
 import json
 import os
+import socketserver
 import threading
 import time
 import urllib.parse
@@ -23,11 +25,22 @@ from wikitopics_jax.errors import InputError
 USER_AGENT = "wikitopics-tests/0.1 (https://example.org/wikitopics; tests@example.org)"
 
 
-class _Server:
-  """Serves PNGs of the requested width; some file names trigger failures (see `_respond`)."""
+class _HTTPServer(http.server.ThreadingHTTPServer):
 
-  def __init__(self):
+  def server_bind(self):
+    # Skips HTTPServer's reverse lookup of the address (a DNS query for 127.0.0.2 on some hosts).
+    socketserver.TCPServer.server_bind(self)
+    self.server_name, self.server_port = self.server_address[:2]
+
+
+class _Server:
+  """Serves PNGs of the requested width; some file names trigger failures (see `respond`), and
+  `custom[name](handler, count)` answers requests for `name` instead."""
+
+  def __init__(self, host="127.0.0.1"):
     self.requests: list[tuple[float, str, str]] = []  # (time, path, user agent)
+    self.custom = {}
+    self.events: dict[str, float] = {}  # What a custom responder did when (server clock).
     self.counts: collections.Counter = collections.Counter()
     self.in_flight = self.max_in_flight = 0
     self.lock = threading.Lock()
@@ -51,9 +64,10 @@ class _Server:
       def log_message(self, *args):  # Quiet.
         pass
 
-    self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/wikipedia"
-    self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+    self.httpd = _HTTPServer((host, 0), Handler)
+    self.origin = f"http://{host}:{self.httpd.server_address[1]}"
+    self.base_url = f"{self.origin}/wikipedia"
+    self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
     self.thread.start()
 
   def respond(self, handler):
@@ -64,6 +78,8 @@ class _Server:
     with self.lock:
       self.counts[name] += 1
       count = self.counts[name]
+    if name in self.custom:
+      return self.custom[name](handler, count)
     time.sleep(0.02)  # Lets concurrent requests overlap.
     if name == "Rate_limited.jpg" and count == 1:
       return self.send(handler, 429, b"slow down", "text/plain", {"Retry-After": "1"})
@@ -208,3 +224,235 @@ def test_requests_per_second_spaces_requests(server, tmp_path):
                    progress=False)
   times = sorted(t for t, _, _ in server.requests)
   assert len(times) == 6 and times[-1] - times[0] >= 0.45
+
+
+def _png(width=40, height=20):
+  buf = io.BytesIO()
+  Image.new("RGB", (width, height), (200, 30, 10)).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _jpeg():
+  buf = io.BytesIO()
+  Image.effect_noise((120, 80), 60).convert("RGB").save(buf, format="JPEG")
+  return buf.getvalue()
+
+
+def _drip(handler, data, pieces, interval):
+  """Writes `data` in `pieces` parts, `interval` s apart (stops when the client hangs up)."""
+  step = max(1, -(-len(data) // pieces))
+  for start in range(0, len(data), step):
+    handler.wfile.write(data[start:start + step])
+    handler.wfile.flush()
+    time.sleep(interval)
+
+
+def _run(server, tmp_path, names, **overrides):
+  files = [(wit.file_from_title(n), None) for n in names]
+  out = tmp_path / "thumbs"
+  began = time.monotonic()
+  report = thumbnails.fetch(files, str(out), _settings(server, **overrides), progress=False)
+  log = thumbnails.read_failures(str(out / thumbnails.FAILURES_LOG))
+  statuses = {e["file"].rsplit("/", 1)[1]: e["status"] for e in log.values()}
+  return report, statuses, log, out, time.monotonic() - began
+
+
+def _entry(log, name):
+  return next(e for e in log.values() if e["file"].endswith("/" + name))
+
+
+def _saved(out):
+  return sorted(n for _, _, fs in os.walk(out) for n in fs if n != thumbnails.FAILURES_LOG)
+
+
+@pytest.fixture
+def other_host(server):  # pylint: disable=unused-argument  (`server` clears the proxy variables)
+  try:
+    s = _Server("127.0.0.2")  # The whole of 127/8 is loopback on Linux.
+  except OSError as e:
+    pytest.skip(f"127.0.0.2 is not a local address here: {e}")
+  yield s
+  s.close()
+
+
+def test_redirects_stay_on_the_configured_server(server, other_host, tmp_path):
+  other_port = _Server()  # Same host, another port: another origin too.
+  try:
+    def redirect(location, status=302):
+      return lambda handler, count: _Server.send(handler, status, b"", "text/html",
+                                                 {"Location": location(handler)})
+    elsewhere = lambda origin: lambda h: origin + h.path
+    server.custom["Offsite_host.jpg"] = redirect(elsewhere(other_host.origin))
+    server.custom["Offsite_port.jpg"] = redirect(elsewhere(other_port.origin), 301)
+    server.custom["Offsite_scheme.jpg"] = redirect(elsewhere(server.origin.replace("http:",
+                                                                                  "https:")))
+    # Relative, as servers usually send it; followed, and the target's bytes are saved.
+    server.custom["Moved.jpg"] = redirect(lambda h: h.path.replace("Moved.jpg", "Target.jpg"), 307)
+    server.custom["Loop.jpg"] = redirect(lambda h: h.path)
+    names = ["Offsite_host.jpg", "Offsite_port.jpg", "Offsite_scheme.jpg", "Moved.jpg", "Loop.jpg"]
+    report, statuses, _, out, _ = _run(server, tmp_path, names)
+  finally:
+    other_port.close()
+
+  assert other_host.requests == [] and other_port.requests == []
+  assert statuses == {"Offsite_host.jpg": "offsite_redirect",
+                      "Offsite_port.jpg": "offsite_redirect",
+                      "Offsite_scheme.jpg": "offsite_redirect", "Loop.jpg": "too_many_redirects"}
+  assert report.downloaded == 1 and _saved(out) == ["Moved.jpg"]
+  assert server.counts["Offsite_host.jpg"] == 1 and server.counts["Offsite_scheme.jpg"] == 1
+  assert server.counts["Loop.jpg"] == thumbnails.MAX_REDIRECTS + 1  # Bounded, not retried.
+  assert server.counts["Target.jpg"] == 1
+  assert {ua for _, _, ua in server.requests} == {USER_AGENT}
+  moved = next(out.rglob("Moved.jpg")).read_bytes()
+  assert image_decoding.decode_image(moved).shape == (64, 64, 3)
+
+
+def test_incomplete_or_broken_bodies_are_failures_and_fetched_again(server, tmp_path):
+  jpeg, png = _jpeg(), _png()
+  broken = {"on": True}
+
+  def serve(bad):
+    def respond(handler, count):  # pylint: disable=unused-argument
+      if not broken["on"]:
+        return _Server.send(handler, 200, png, "image/png")
+      return bad(handler)
+    return respond
+
+  server.custom["Html.jpg"] = serve(lambda h: _Server.send(
+      h, 200, b"<!DOCTYPE html><html><body>Error</body></html>", "image/jpeg"))
+  server.custom["Truncated.jpg"] = serve(lambda h: _Server.send(
+      h, 200, jpeg[:len(jpeg) // 2], "image/jpeg"))
+
+  def short(handler):  # Promises the whole JPEG, sends half, hangs up.
+    handler.send_response(200)
+    handler.send_header("Content-Type", "image/jpeg")
+    handler.send_header("Content-Length", str(len(jpeg)))
+    handler.end_headers()
+    handler.wfile.write(jpeg[:len(jpeg) // 2])
+  server.custom["Short.jpg"] = serve(short)
+  names = ["Html.jpg", "Truncated.jpg", "Short.jpg", "Fine.jpg"]
+
+  report, statuses, log, out, _ = _run(server, tmp_path, names, max_attempts=2)
+  assert statuses == {"Html.jpg": "not_an_image", "Truncated.jpg": "not_an_image",
+                      "Short.jpg": "incomplete"}
+  assert "html" in _entry(log, "Html.jpg")["error"]
+  assert "truncated" in _entry(log, "Truncated.jpg")["error"]
+  # A short body may be a dropped connection: retried at once; the others are what the server has.
+  assert server.counts["Short.jpg"] == 2 and server.counts["Html.jpg"] == 1
+  assert report.downloaded == 1 and _saved(out) == ["Fine.jpg"]  # No partial or temporary file.
+
+  broken["on"] = False  # The next run fetches the failures again, and keeps them now.
+  again, statuses, log, out, _ = _run(server, tmp_path, names)
+  assert again.skipped_existing == 1 and again.downloaded == 3 and again.failed == 0
+  assert statuses == {} and log == {}
+  assert _saved(out) == sorted(names)
+
+
+def test_size_cap_from_content_length_and_while_streaming(server, tmp_path):
+  cap = 4000
+  big = _png(400, 400)
+  assert len(big) < cap < 2 * len(_jpeg())
+
+  def declared(handler, count):  # pylint: disable=unused-argument
+    # Announces 10 MB and sends slowly: reading it would take far longer than the test allows.
+    handler.send_response(200)
+    handler.send_header("Content-Type", "image/jpeg")
+    handler.send_header("Content-Length", str(10 << 20))
+    handler.end_headers()
+    _drip(handler, b"\xff" * 6000, 60, 0.05)
+
+  def streamed(handler, count):  # pylint: disable=unused-argument
+    # No Content-Length: a body up to the end of the connection, over the cap, then a trickle.
+    handler.send_response(200)
+    handler.send_header("Content-Type", "image/jpeg")
+    handler.end_headers()
+    handler.wfile.write(_jpeg() + _jpeg())
+    _drip(handler, b"\x00" * 6000, 60, 0.05)
+
+  server.custom["Declared_big.jpg"] = declared
+  server.custom["Streamed_big.jpg"] = streamed
+  server.custom["Under_cap.png"] = lambda h, c: _Server.send(h, 200, big, "image/png")
+  report, statuses, _, out, seconds = _run(
+      server, tmp_path, ["Declared_big.jpg", "Streamed_big.jpg", "Under_cap.png"], max_bytes=cap,
+      timeout_s=1.5, deadline_s=5.0)
+  assert statuses == {"Declared_big.jpg": "too_large", "Streamed_big.jpg": "too_large"}
+  # Refused at once, not after the 3-s trickle (or the 1.5-s timeout, or the deadline).
+  assert seconds < 2.0
+  assert report.downloaded == 1 and _saved(out) == ["Under_cap.png"]
+
+
+def test_deadline_bounds_a_dripping_server(server, tmp_path):
+  png = _png()
+
+  def slow_body(handler, count):  # pylint: disable=unused-argument
+    handler.send_response(200)
+    handler.send_header("Content-Type", "image/png")
+    handler.send_header("Content-Length", str(len(png)))
+    handler.end_headers()
+    _drip(handler, png, 30, 0.1)  # 3 s for the body; every read gets bytes within timeout_s.
+
+  def slow_headers(handler, count):  # pylint: disable=unused-argument
+    head = (f"HTTP/1.0 200 OK\r\nContent-Type: image/png\r\nContent-Length: {len(png)}\r\n"
+            f"X-Padding: {'x' * 60}\r\n\r\n").encode()
+    _drip(handler, head + png, 30, 0.1)
+
+  server.custom["Drip_body.png"] = slow_body
+  server.custom["Drip_headers.png"] = slow_headers
+  report, statuses, _, out, seconds = _run(
+      server, tmp_path, ["Drip_body.png", "Drip_headers.png"], deadline_s=1.0, timeout_s=0.5,
+      max_attempts=1)
+  assert statuses == {"Drip_body.png": "deadline", "Drip_headers.png": "deadline"}
+  assert 0.9 < seconds < 2.0
+  assert report.failed == 2 and _saved(out) == []
+
+
+def test_429_pauses_requests_already_waiting_for_their_turn(server, tmp_path):
+  def limited(handler, count):
+    if count > 1:
+      return _Server.send(handler, 200, _png(), "image/png")
+    _Server.send(handler, 429, b"slow down", "text/plain", {"Retry-After": "1"})
+    server.events["429 sent"] = time.monotonic()
+    return None
+
+  server.custom["Limited.jpg"] = limited
+  names = ["Limited.jpg"] + [f"Queued_{i}.jpg" for i in range(6)]
+  # 5 requests/s: when the 429 comes, the other workers are asleep until their turn.
+  report, statuses, _, _, _ = _run(server, tmp_path, names, max_workers=4,
+                                   requests_per_second=5.0)
+  assert statuses == {} and report.downloaded == len(names) and report.pauses == 1
+  sent = server.events["429 sent"]
+  later = [t for t, _, _ in server.requests if t > sent]
+  assert len(later) >= 3  # The retry and at least the two files never started before the 429.
+  assert min(later) >= sent + 0.95  # Nothing went out during the Retry-After pause.
+
+
+def test_failures_log_keeps_one_line_per_file_with_attempts(server, tmp_path):
+  server.custom["Flaky.jpg"] = lambda h, count: (
+      _Server.send(h, 403, b"no", "text/html") if count == 1 else
+      _Server.send(h, 200, _png(), "image/png"))
+  names = ["Gone.jpg", "Flaky.jpg", "Photo.jpg"]
+
+  _, statuses, log, out, _ = _run(server, tmp_path, names)
+  assert statuses == {"Gone.jpg": 404, "Flaky.jpg": 403}
+  assert [e["attempts"] for e in log.values()] == [1, 1]
+  gone = _entry(log, "Gone.jpg")
+  assert gone["tries"] == 2 and gone["url"].endswith("/Gone.jpg") and "/thumb/" not in gone["url"]
+
+  _, statuses, log, out, _ = _run(server, tmp_path, names)
+  lines = (out / thumbnails.FAILURES_LOG).read_text().splitlines()
+  assert len(lines) == 1 and statuses == {"Gone.jpg": 404}  # Flaky came, and left the log.
+  entry = json.loads(lines[0])
+  assert entry["attempts"] == 2 and entry["status"] == 404 and entry["file"].endswith("Gone.jpg")
+  assert set(entry) >= {"url", "path", "file", "status", "error", "attempts", "tries", "time"}
+  assert server.counts["Gone.jpg"] == 4 and _saved(out) == ["Flaky.jpg", "Photo.jpg"]
+
+
+def test_read_failures_collapses_appended_logs(tmp_path):
+  log = tmp_path / "fetch_failures.jsonl"
+  old = [{"file": "a/ab/A.jpg", "status": 404}, {"file": "b/bc/B.jpg", "status": 503},
+         {"file": "a/ab/A.jpg", "status": 404}]
+  log.write_text("".join(json.dumps(e) + "\n" for e in old) + '{"file": "torn\n')
+  failures = thumbnails.read_failures(str(log))
+  assert list(failures) == ["b/bc/B.jpg", "a/ab/A.jpg"]
+  assert failures["a/ab/A.jpg"]["attempts"] == 2 and failures["b/bc/B.jpg"]["attempts"] == 1
+  assert thumbnails.read_failures(str(tmp_path / "none.jsonl")) == {}
