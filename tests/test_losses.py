@@ -2,7 +2,9 @@
 
 The `ref_*` functions are plain NumPy on probabilities p = sigmoid(z), written as the formulas read, and
 return per-label losses (B, L); `ref_objective` applies the module's reduction (mean over labels, then over
-the batch). They have no pytest dependency so benchmarks can import them.
+the batch). They have no pytest dependency so benchmarks can import them. `ref_asl_authors` and
+`ref_resample_loss` transcribe the authors' released code (Alibaba-MIIL/ASL `AsymmetricLoss`,
+wutong16/DistributionBalancedLoss `ResampleLoss`), which `asl` and `distribution_balanced` follow by default.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 from wikitopics_jax import hierarchy
 from wikitopics_jax import losses
 from wikitopics_jax import taxonomy as taxonomy_lib
+from wikitopics_jax.bench import numpy_losses
 from wikitopics_jax.errors import InputError
 
 # ---------------------------------------------------------------------------------------------------
@@ -86,8 +89,75 @@ def ref_distribution_balanced(z, y, positives, num_examples, alpha=0.1, beta=10.
   return r_hat * (y * np.log1p(np.exp(-(z - nu))) + (1 / lam) * (1 - y) * np.log1p(np.exp(lam * (z - nu))))
 
 
+def ref_asl_authors(z, y, gamma_neg=4.0, gamma_pos=1.0, clip=0.05, eps=1e-8, z_focus=None):
+  """Per-label terms of `AsymmetricLoss.forward` (Alibaba-MIIL/ASL), whose batch loss is their sum:
+
+  q = min(1 - p + clip, 1) (1 - p if clip = 0); log terms log(max(p, eps)), log(max(q, eps)); weight
+  (1 - pt)^gamma with pt = p for a positive, q for a negative. The weight is computed from `z_focus`
+  (default z): a finite difference in z with z_focus held is their gradient with the weight detached.
+  """
+  def probabilities(logits):
+    p = ref_sigmoid(logits)
+    q = 1 - p
+    if clip > 0:
+      q = np.minimum(q + clip, 1)
+    return p, q
+
+  p, q = probabilities(z)
+  with np.errstate(divide="ignore"):
+    loss = y * np.log(np.maximum(p, eps)) + (1 - y) * np.log(np.maximum(q, eps))
+  if gamma_neg > 0 or gamma_pos > 0:
+    p_w, q_w = probabilities(z if z_focus is None else z_focus)
+    pt = y * p_w + (1 - y) * q_w
+    loss = loss * (1 - pt) ** (y * gamma_pos + (1 - y) * gamma_neg)
+  return -loss
+
+
+# The loss_cls sections of the authors' configs/{voc,coco}/LT_resnet50_pfc_DB.py (reweight_func='rebalance',
+# use_sigmoid=True, loss_weight=1.0 in both), written independently of `losses.DB_SETTINGS`.
+AUTHORS_DB_CONFIGS = {
+    "voc_mlt": {"focal": {"focal": True, "balance_param": 2.0, "gamma": 2},
+                "logit_reg": {"init_bias": 0.05, "neg_scale": 5},
+                "map_param": {"alpha": 0.1, "beta": 10.0, "gamma": 0.3}},
+    "coco_mlt": {"focal": {"focal": True, "balance_param": 2.0, "gamma": 2},
+                 "logit_reg": {"neg_scale": 2.0, "init_bias": 0.05},
+                 "map_param": {"alpha": 0.1, "beta": 10.0, "gamma": 0.2}},
+}
+
+
+def ref_resample_loss(z, y, class_freq, train_num, focal, logit_reg, map_param, loss_weight=1.0):
+  """Per-label `ResampleLoss` (wutong16/DistributionBalancedLoss) with reweight_func='rebalance', before
+  the trainer's mean over all entries; the config dicts as in their files.
+  """
+  z, y = np.asarray(z, np.float64), np.asarray(y, np.float64)
+  class_freq = np.asarray(class_freq, np.float64)
+  freq_inv = 1 / class_freq
+  neg_scale = logit_reg["neg_scale"]
+  init_bias = -np.log(train_num / class_freq - 1) * logit_reg["init_bias"] / neg_scale
+  # Rebalance weight: P^C / P^I through the map, for positives and negatives alike.
+  with np.errstate(divide="ignore", over="ignore"):
+    ratio = freq_inv[None] / np.sum(y * freq_inv, axis=1, keepdims=True)
+    weight = ref_sigmoid(map_param["beta"] * (ratio - map_param["gamma"])) + map_param["alpha"]
+  logits = z + init_bias
+  logits = logits * (1 - y) * neg_scale + logits * y
+  weight = weight / neg_scale * (1 - y) + weight * y
+  # binary_cross_entropy_with_logits, unreduced, in torch's stable form.
+  ce = np.maximum(logits, 0) - logits * y + np.log1p(np.exp(-np.abs(logits)))
+  loss = weight * ce
+  if focal["focal"]:
+    pt = np.exp(-ce)
+    loss = focal["balance_param"] * (1 - pt) ** focal["gamma"] * loss
+  return loss_weight * loss
+
+
 def ref_objective(per_label):
   return float(np.mean(np.mean(per_label, axis=1)))
+
+
+def fd_diagonal(f, z, h=1e-6):
+  """Central differences of a per-label f whose entry (i, j) depends on z[i, j] only (diagonal Jacobian)."""
+  z = np.asarray(z, np.float64)
+  return (f(z + h) - f(z - h)) / (2 * h)
 
 
 def fd_grad(f, x, eps=1e-6):
@@ -129,16 +199,24 @@ CASES = {
                                z, y, ref_class_weights(POSITIVES, NUM_EXAMPLES))),
     "pos_weighted_bce": ({"positives": POSITIVES, "num_examples": NUM_EXAMPLES},
                          lambda z, y: ref_pos_weighted_bce(z, y, ref_pos_weights(POSITIVES, NUM_EXAMPLES))),
-    "asl": ({}, lambda z, y: ref_asl(z, y, 4.0, 1.0, 0.05)),
-    "asl_no_clip": ({"gamma_neg": 2.0, "gamma_pos": 0.0, "clip": 0.0},
-                    lambda z, y: ref_asl(z, y, 2.0, 0.0, 0.0)),
+    # The paper's ASL (focusing weights differentiated, no eps floor; the floor is inactive at these
+    # logits anyway). The authors' default, with detached weights, is tested against their code below.
+    "asl_paper": ({"focusing_grad": True, "clamp_eps": 0.0}, lambda z, y: ref_asl(z, y, 4.0, 1.0, 0.05)),
+    "asl_no_clip": ({"gamma_neg": 2.0, "gamma_pos": 0.0, "clip": 0.0, "focusing_grad": True,
+                     "clamp_eps": 0.0}, lambda z, y: ref_asl(z, y, 2.0, 0.0, 0.0)),
+    # Defaults: the authors' ResampleLoss with their VOC-MLT config.
     "distribution_balanced": ({"positives": POSITIVES, "num_examples": NUM_EXAMPLES},
-                              lambda z, y: ref_distribution_balanced(z, y, POSITIVES, NUM_EXAMPLES)),
+                              lambda z, y: ref_resample_loss(z, y, POSITIVES, NUM_EXAMPLES,
+                                                             **AUTHORS_DB_CONFIGS["voc_mlt"])),
+    # The paper's eqs. 7-8 (nu = kappa b subtracted, no focal term): init_bias = -kappa lambda.
+    "distribution_balanced_paper": ({"positives": POSITIVES, "num_examples": NUM_EXAMPLES,
+                                     "db_init_bias": -0.05 * 5.0, "db_focal": False},
+                                    lambda z, y: ref_distribution_balanced(z, y, POSITIVES, NUM_EXAMPLES)),
 }
 
 
 def _loss_name(case):
-  return case.split("_alpha")[0].split("_no_clip")[0]
+  return max((name for name in losses.names() if case.startswith(name)), key=len)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -154,12 +232,161 @@ def test_value_and_gradient_match_literal_reference(batch, case):
   np.testing.assert_allclose(g, fd_grad(lambda z: ref_objective(ref(z, y)), z), rtol=1e-3, atol=1e-7)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Against the authors' released code (transcribed above; the bench's hand-derived backward as a second,
+# analytic reference where finite differences cannot resolve the float64 values).
+
+# Every sign and magnitude with each label value: row 0 negatives, row 1 positives. Kinks (the eps floor
+# at |z| = 18.4, the clip at p = clip) are avoided: there only one-sided derivatives exist.
+GRID_LOGITS = np.array([-100.0, -30.0, -5.0, -0.5, 0.5, 5.0, 30.0, 100.0])
+GRID_Z = np.stack([GRID_LOGITS, GRID_LOGITS])
+GRID_Y = np.stack([np.zeros(8), np.ones(8)])
+GRID_POSITIVES = np.array([500, 40, 3, 120, 900, 10, 250, 7])
+
+
+def _check_per_label(obj, z, y, ref, ref_grad, *, rtol=1e-5, grad_rtol=1e-4, atol=1e-7):
+  """Ours in float32 against a float64 reference: per-label values and gradients, and the batch mean."""
+  z32 = np.asarray(z, np.float32)
+  per_label = np.asarray(obj.per_label(z32, y))
+  np.testing.assert_allclose(per_label, ref, rtol=rtol, atol=atol)
+  # Entry (i, j) depends on z[i, j] only, so the gradient of the sum is the per-label derivative.
+  grad = np.asarray(jax.grad(lambda u: jnp.sum(obj.per_label(u, y)))(z32))
+  np.testing.assert_allclose(grad, ref_grad, rtol=grad_rtol, atol=atol)
+  assert float(obj(z32, y)) == pytest.approx(float(np.mean(ref)), rel=rtol, abs=atol)
+  np.testing.assert_allclose(jax.grad(obj)(z32, y), ref_grad / ref.size, rtol=grad_rtol, atol=atol / ref.size)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+@pytest.mark.parametrize("focusing_grad", [False, True])
+def test_asl_matches_authors_code(batch, clip, focusing_grad):
+  z, y = batch
+  obj = losses.build("asl", clip=clip, focusing_grad=focusing_grad)  # eps 1e-8, gammas 4 and 1: theirs.
+
+  def authors(u, u_focus):
+    return ref_asl_authors(u, y, clip=clip, z_focus=u_focus)
+
+  ref = authors(z, z)
+  # Their default detaches the weights: differentiate with the weights' logits held.
+  ref_grad = fd_diagonal(lambda u: authors(u, u if focusing_grad else z), z)
+  _check_per_label(obj, z, y, ref, ref_grad)
+  if not focusing_grad:  # The two settings are told apart: the detached gradient is not d(value)/dz.
+    full = fd_diagonal(lambda u: authors(u, u), z)
+    assert np.max(np.abs(full - ref_grad) / np.maximum(np.abs(full), 1e-3)) > 0.05
+  value, grad = numpy_losses.asl_value_and_grad(z, y, gamma_neg=4.0, gamma_pos=1.0, clip=clip,
+                                                focusing_grad=focusing_grad)
+  assert value == pytest.approx(float(np.mean(ref)), rel=1e-12)
+  np.testing.assert_allclose(grad * z.size, ref_grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+@pytest.mark.parametrize("focusing_grad", [False, True])
+def test_asl_matches_authors_code_at_extreme_logits(clip, focusing_grad):
+  obj = losses.build("asl", clip=clip, focusing_grad=focusing_grad)
+  ref = ref_asl_authors(GRID_Z, GRID_Y, clip=clip)
+  _, grad = numpy_losses.asl_value_and_grad(GRID_Z, GRID_Y, gamma_neg=4.0, gamma_pos=1.0, clip=clip,
+                                            focusing_grad=focusing_grad)
+  _check_per_label(obj, GRID_Z, GRID_Y, ref, grad * GRID_Z.size)
+  # The eps floor holds a positive at -30 or -100 at (1 - p) * -log(1e-8), not 30 or 100.
+  per_label = np.asarray(obj.per_label(GRID_Z.astype(np.float32), GRID_Y))
+  np.testing.assert_allclose(per_label[1, :2], -np.log(1e-8), rtol=1e-6)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_asl_unclamped_variant_at_30(clip):
+  """clamp_eps=0 with focusing_grad=True is the paper's formula, also where the floor would act."""
+  z, y = GRID_Z[:, 1:-1], GRID_Y[:, 1:-1]  # +-100 is beyond float64's 1 - sigmoid(z).
+  obj = losses.build("asl", clip=clip, focusing_grad=True, clamp_eps=0.0)
+  ref = ref_asl(z, y, 4.0, 1.0, clip)
+  _, grad = numpy_losses.asl_value_and_grad(z, y, gamma_neg=4.0, gamma_pos=1.0, clip=clip,
+                                            focusing_grad=True, clamp_eps=0.0)
+  # 1 - sigmoid(30) in float64 carries a relative error of ~1e-3, ~3e-5 in its log.
+  _check_per_label(obj, z, y, ref, grad * z.size, rtol=1e-4)
+  per_label = np.asarray(obj.per_label(z.astype(np.float32), y))
+  assert per_label[1, 0] == pytest.approx(30.0, rel=1e-6)  # A positive at -30: -log p, no floor.
+
+
+def _db_case(setting, focal):
+  authors = dict(AUTHORS_DB_CONFIGS[setting])
+  authors["focal"] = {**authors["focal"], "focal": focal}
+  return authors, {**losses.DB_SETTINGS[setting], "db_focal": focal}
+
+
+@pytest.mark.parametrize("setting", ["voc_mlt", "coco_mlt"])
+@pytest.mark.parametrize("focal", [True, False])
+def test_distribution_balanced_matches_authors_code(batch, setting, focal):
+  z, y = batch
+  authors, params = _db_case(setting, focal)
+  obj = losses.build("distribution_balanced", positives=POSITIVES, num_examples=NUM_EXAMPLES, **params)
+
+  def ref_fn(u):
+    return ref_resample_loss(u, y, POSITIVES, NUM_EXAMPLES, **authors)
+
+  ref, ref_grad = ref_fn(z), fd_diagonal(ref_fn, z)
+  _check_per_label(obj, z, y, ref, ref_grad)
+  value, grad = numpy_losses.distribution_balanced_value_and_grad(
+      z, y, positives=POSITIVES, num_examples=float(NUM_EXAMPLES), **params)
+  assert value == pytest.approx(float(np.mean(ref)), rel=1e-12)
+  np.testing.assert_allclose(grad * z.size, ref_grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("setting", ["voc_mlt", "coco_mlt"])
+@pytest.mark.parametrize("focal", [True, False])
+def test_distribution_balanced_matches_authors_code_at_extreme_logits(setting, focal):
+  authors, params = _db_case(setting, focal)
+  obj = losses.build("distribution_balanced", positives=GRID_POSITIVES, num_examples=NUM_EXAMPLES, **params)
+  ref = ref_resample_loss(GRID_Z, GRID_Y, GRID_POSITIVES, NUM_EXAMPLES, **authors)
+  _, grad = numpy_losses.distribution_balanced_value_and_grad(
+      GRID_Z, GRID_Y, positives=GRID_POSITIVES, num_examples=float(NUM_EXAMPLES), **params)
+  _check_per_label(obj, GRID_Z, GRID_Y, ref, grad * GRID_Z.size)
+
+
+def test_db_settings_are_the_authors_configs():
+  for setting, authors in AUTHORS_DB_CONFIGS.items():
+    ours = losses.DB_SETTINGS[setting]
+    assert ours == {"db_alpha": authors["map_param"]["alpha"], "db_beta": authors["map_param"]["beta"],
+                    "db_mu": authors["map_param"]["gamma"], "db_neg_scale": authors["logit_reg"]["neg_scale"],
+                    "db_init_bias": authors["logit_reg"]["init_bias"], "db_focal": authors["focal"]["focal"],
+                    "db_balance_param": authors["focal"]["balance_param"],
+                    "db_gamma": authors["focal"]["gamma"]}, setting
+  cfg = losses.default_config("distribution_balanced")
+  assert {k: cfg[k] for k in losses.DB_SETTINGS["voc_mlt"]} == losses.DB_SETTINGS["voc_mlt"]
+  # Selecting COCO-MLT in a config file, and focal off from the command line (a string there).
+  cfg.update(losses.DB_SETTINGS["coco_mlt"])
+  cfg.db_focal = "False"
+  obj = losses.from_config(cfg, positives=POSITIVES, num_examples=NUM_EXAMPLES, ancestor_matrix=np.eye(L))
+  assert obj.params["db_focal"] == "False" and obj.params["db_neg_scale"] == 2.0
+  rng = np.random.default_rng(6)
+  z = rng.normal(size=(3, L)) * 2
+  y = (rng.random(z.shape) < 0.4).astype(np.float64)
+  authors, _ = _db_case("coco_mlt", False)
+  np.testing.assert_allclose(obj.per_label(z.astype(np.float32), y),
+                             ref_resample_loss(z, y, POSITIVES, NUM_EXAMPLES, **authors), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, params", [("asl", {}), ("asl", {"focusing_grad": True}),
+                                          ("distribution_balanced", {}),
+                                          ("distribution_balanced", losses.DB_SETTINGS["coco_mlt"])])
+def test_bench_numpy_baselines_agree_in_float32(name, params):
+  """The `losses` suite's check (tests/test_bench.py thresholds) on its inputs: float32, 31 labels."""
+  rng = np.random.default_rng(7)
+  positives = rng.integers(5, 400, size=31)
+  cfg = losses.default_config(name)
+  cfg.update(params)
+  obj = losses.from_config(cfg, positives=positives, num_examples=1000, ancestor_matrix=np.eye(31))
+  z = (2 * rng.standard_normal((64, 31))).astype(np.float32)
+  y = (rng.random(z.shape) < 0.1).astype(np.float32)
+  ref_loss, ref_grad = numpy_losses.value_and_grad_fn(name, obj.params)(z, y)
+  loss, grad = jax.value_and_grad(obj)(z, y)
+  assert abs(float(loss) - ref_loss) < 1e-5 * max(1.0, abs(ref_loss))
+  assert np.max(np.abs(np.asarray(grad) - ref_grad)) < 1e-4 * np.max(np.abs(ref_grad))
+
+
 def test_identities_with_bce(batch):
   z, y = (a.astype(np.float32) for a in batch)
   bce = losses.get_per_example_loss("bce")(z, y)
   same_as_bce = [
       ("focal", {"gamma": 0.0}),
-      ("asl", {"gamma_neg": 0.0, "gamma_pos": 0.0, "clip": 0.0}),
+      ("asl", {"gamma_neg": 0.0, "gamma_pos": 0.0, "clip": 0.0, "clamp_eps": 0.0}),
       ("class_weighted_bce", {"class_weights": [1.0] * L}),
       ("pos_weighted_bce", {"pos_weights": [1.0] * L}),
   ]
@@ -206,6 +433,16 @@ def _all_objectives():
                                          ancestor_matrix=tax.ancestor_matrix) for name in cfg_names}
   objectives["asl_no_clip"] = losses.build("asl", clip=0.0, gamma_pos=0.0)
   objectives["asl_weak"] = losses.build("asl", gamma_neg=0.5, gamma_pos=0.5, clip=0.05)
+  for clip in (0.0, 0.05):
+    objectives[f"asl_paper_{clip}"] = losses.build("asl", clip=clip, focusing_grad=True, clamp_eps=0.0)
+    objectives[f"asl_weak_paper_{clip}"] = losses.build("asl", gamma_neg=0.5, gamma_pos=0.5, clip=clip,
+                                                        focusing_grad=True, clamp_eps=0.0)
+  for setting, params in losses.DB_SETTINGS.items():
+    for focal in (True, False):
+      objectives[f"db_{setting}_{focal}"] = losses.build(
+          "distribution_balanced", positives=positives, num_examples=10000, **{**params, "db_focal": focal})
+  objectives["db_weak_focal"] = losses.build("distribution_balanced", positives=positives, num_examples=10000,
+                                             db_gamma=0.5, db_init_bias=-1.0)
   objectives["focal_weak"] = losses.build("focal", gamma=0.5, alpha=0.25)
   return tax, objectives
 
@@ -287,6 +524,14 @@ def test_registry_errors():
     losses.get_loss("focal", alpha=2)
   with pytest.raises(InputError, match=r"loss\.clip must be a number"):
     losses.get_loss("asl", clip="lots")
+  with pytest.raises(InputError, match=r"loss\.focusing_grad must be True or False, got 1"):
+    losses.get_loss("asl", focusing_grad=1)
+  with pytest.raises(InputError, match=r"loss\.clamp_eps must be >= 0"):
+    losses.get_loss("asl", clamp_eps=-1e-8)
+  with pytest.raises(InputError, match=r"loss\.db_neg_scale must be > 0"):
+    losses.get_loss("distribution_balanced", positives=[1, 2], num_examples=10, db_neg_scale=0)
+  with pytest.raises(InputError, match=r"loss\.db_focal must be True or False, got 'yes'"):
+    losses.get_loss("distribution_balanced", positives=[1, 2], num_examples=10, db_focal="yes")
   with pytest.raises(InputError, match=r"loss\.positives='auto' needs the training split's statistics"):
     losses.get_loss("pos_weighted_bce")
   with pytest.raises(InputError, match=r"loss\.positives\[1\] = 20 exceeds loss\.num_examples = 10"):
@@ -326,9 +571,12 @@ def v13():
 def test_default_config_covers_every_loss_and_command_line_overrides():
   cfg = losses.default_config()
   assert cfg.name == "bce"
-  for key in ("gamma", "alpha", "gamma_neg", "gamma_pos", "clip", "class_weights", "pos_weights",
-              "positives", "num_examples", "db_alpha", "db_beta", "db_mu", "db_lambda", "db_kappa"):
+  for key in ("gamma", "alpha", "gamma_neg", "gamma_pos", "clip", "focusing_grad", "clamp_eps",
+              "class_weights", "pos_weights", "positives", "num_examples", "db_alpha", "db_beta", "db_mu",
+              "db_neg_scale", "db_init_bias", "db_focal", "db_balance_param", "db_gamma"):
     assert key in cfg, key
+  assert "db_lambda" not in cfg and "db_kappa" not in cfg  # Renamed to the authors' neg_scale, init_bias.
+  assert cfg.focusing_grad is False and cfg.clamp_eps == 1e-8
   assert "ancestor_matrix" not in cfg
   assert cfg.alpha is None and cfg.positives == "auto" and cfg.gamma == 2.0
   # What `--config.loss.name=focal --config.loss.gamma=3 --config.loss.alpha=0.25` does.
@@ -367,7 +615,7 @@ def test_from_config_explicit_lists(v13):
   # Explicit values win over the manifest's statistics.
   a = losses.from_config(as_list, positives=positives * 0 + 1, num_examples=5, ancestor_matrix=r)
   b = losses.from_config(as_string, positives=None, num_examples=None, ancestor_matrix=r)
-  expected = ref_objective(ref_distribution_balanced(z.astype(np.float64), y, positives, 2000))
+  expected = ref_objective(ref_resample_loss(z, y, positives, 2000, **AUTHORS_DB_CONFIGS["voc_mlt"]))
   assert float(a(z, y)) == pytest.approx(expected, rel=1e-5)
   assert float(b(z, y)) == pytest.approx(expected, rel=1e-5)
 

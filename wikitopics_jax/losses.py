@@ -4,8 +4,11 @@ Conventions (all losses):
 
 * Inputs are logits z (B, L) and labels y (B, L) in {0, 1} (soft labels work for the flat losses). Both are
   cast to float32 first (bf16 logits included) and every log-probability is a log-sigmoid form:
-  log p = log_sigmoid(z), log(1 - p) = log_sigmoid(-z); never log of a clipped probability. Values and
-  gradients are finite at logits of +-100.
+  log p = log_sigmoid(z), log(1 - p) = log_sigmoid(-z). The one floor is `asl`'s `clamp_eps`, which
+  reproduces its authors' log(max(p, eps)) as max(log_sigmoid(z), log eps). Values and gradients are
+  finite at logits of +-100.
+* Published losses follow their authors' released code in its default configuration; a deliberate
+  variant is a named parameter (docs/losses.md maps our keys to the authors' config keys).
 * Reduction: the per-example loss is the MEAN over the L labels of the per-label loss (the Keras
   `binary_crossentropy` convention the thesis code used; thesis eq. 2.1 writes a sum, a constant factor L
   apart), and the batch loss is the mean over examples (thesis eq. 2.3). `get_per_example_loss` /
@@ -259,6 +262,15 @@ def _number(value: Any, key: str, *, low: float | None = None, high: float | Non
   return x
 
 
+def _flag(value: Any, key: str) -> bool:
+  # The command line may deliver a bool as its string form.
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+    return value.strip().lower() == "true"
+  raise InputError(f"loss.{key} must be True or False, got {value!r}")
+
+
 def _vector(value: Any, key: str) -> np.ndarray:
   """A per-label list: a sequence or array, or its string form from the command line ("[1, 2]", "1,2")."""
   if _is_auto(value):
@@ -380,25 +392,39 @@ def pos_weighted_bce(*, pos_weights: Any = AUTO, positives: Any = AUTO,
 
 
 @register("asl")
-def asl(*, gamma_neg: float = 4.0, gamma_pos: float = 1.0, clip: float = 0.05) -> PerLabelFn:
-  """Asymmetric loss (Ridnik et al., "Asymmetric Loss For Multi-Label Classification", ICCV 2021):
+def asl(*, gamma_neg: float = 4.0, gamma_pos: float = 1.0, clip: float = 0.05, focusing_grad: bool = False,
+        clamp_eps: float = 1e-8) -> PerLabelFn:
+  """Asymmetric loss (Ridnik et al., "Asymmetric Loss For Multi-Label Classification", ICCV 2021) as the
+  authors' default multilabel class computes it (`AsymmetricLoss` in Alibaba-MIIL/ASL,
+  src/loss_functions/losses.py):
 
-      L+ = (1 - p)^gamma_pos log p,   L- = p_m^gamma_neg log(1 - p_m),   p_m = max(p - clip, 0)
-      loss = -[y L+ + (1 - y) L-]
+      L+ = (1 - p)^gamma_pos log(max(p, eps)),   L- = p_m^gamma_neg log(max(1 - p_m, eps)),
+      p_m = max(p - clip, 0),   loss = -[y L+ + (1 - y) L-]
 
-  Paper defaults gamma_neg = 4, gamma_pos = 1 (0 in some of its experiments), clip (m) = 0.05. With both
-  gammas 0 and clip 0 it is BCE. Stable forms: log p = log_sigmoid(z); for clip > 0,
-  1 - p_m = min(sigmoid(-z) + clip, 1) >= clip, whose log is finite; for clip = 0, log_sigmoid(-z).
-  The focusing weights are differentiated (the paper's loss; the authors' code can optionally stop their
-  gradient).
+  Defaults are that class's: gamma_neg 4, gamma_pos 1, clip 0.05, eps = clamp_eps = 1e-8, and the focusing
+  weights (1 - p)^gamma_pos and p_m^gamma_neg are constants for the gradient (its
+  `disable_torch_grad_focal_loss=True`), so the gradient is not the derivative of the value. Variants:
+
+  * focusing_grad=True also differentiates the focusing weights: the paper's loss, and the default of the
+    authors' `AsymmetricLossOptimized`.
+  * clamp_eps=0 drops the floor (the paper's formula). The floor caps a term at -log(eps) = 18.4 and
+    zeroes its log's gradient where the probability is below eps (|z| > 18.4 on the wrong side).
+
+  With both gammas 0, clip 0 and clamp_eps 0 it is BCE. The authors sum over labels and examples; this
+  module keeps its mean, so per-label values are theirs and the batch loss is theirs / (B L). Stable forms:
+  log p = log_sigmoid(z); for clip > 0, 1 - p_m = min(sigmoid(-z) + clip, 1) >= clip; for clip = 0,
+  log_sigmoid(-z); the floor is max(log x, log eps), equal to log(max(x, eps)) without rounding 1 - p to 0.
   """
   gamma_neg = _number(gamma_neg, "gamma_neg", low=0.0)
   gamma_pos = _number(gamma_pos, "gamma_pos", low=0.0)
   clip = _number(clip, "clip", low=0.0, high=1.0)
+  focusing_grad = _flag(focusing_grad, "focusing_grad")
+  clamp_eps = _number(clamp_eps, "clamp_eps", low=0.0, high=1.0)
+  log_eps = float(np.log(clamp_eps)) if clamp_eps > 0 else None
 
   def per_label(z, y):
     log_p, log_q = jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
-    pos = jnp.exp(gamma_pos * log_q) * log_p
+    pos_weight = jnp.exp(gamma_pos * log_q)
     if clip > 0:
       log_q_shifted = jnp.log(jnp.minimum(jnp.exp(log_q) + clip, 1.0))
       p_shifted = jnp.maximum(jax.nn.sigmoid(z) - clip, 0.0)
@@ -408,41 +434,62 @@ def asl(*, gamma_neg: float = 4.0, gamma_pos: float = 1.0, clip: float = 0.05) -
         safe_log = jnp.log(jnp.where(nonzero, p_shifted, 1.0))
         neg_weight = jnp.where(nonzero, jnp.exp(gamma_neg * safe_log), 0.0)
       else:
-        neg_weight = 1.0
+        neg_weight = jnp.ones_like(z)
     else:
       log_q_shifted = log_q
       neg_weight = jnp.exp(gamma_neg * log_p)
-    neg = neg_weight * log_q_shifted
-    return -(y * pos + (1.0 - y) * neg)
+    if not focusing_grad:
+      # The authors compute the weights under torch.set_grad_enabled(False).
+      pos_weight, neg_weight = jax.lax.stop_gradient(pos_weight), jax.lax.stop_gradient(neg_weight)
+    if log_eps is not None:
+      # After the weights: the authors clamp only inside the logs.
+      log_p = jnp.maximum(log_p, log_eps)
+      log_q_shifted = jnp.maximum(log_q_shifted, log_eps)
+    return -(y * pos_weight * log_p + (1.0 - y) * neg_weight * log_q_shifted)
   return per_label
+
+
+# The authors' released DB-Focal configs (wutong16/DistributionBalancedLoss,
+# configs/{voc,coco}/LT_resnet50_pfc_DB.py) in our keys; VOC-MLT is the default. In a config file:
+# `c.loss.update(losses.DB_SETTINGS["coco_mlt"])`.
+DB_SETTINGS = {
+    "voc_mlt": {"db_alpha": 0.1, "db_beta": 10.0, "db_mu": 0.3, "db_neg_scale": 5.0, "db_init_bias": 0.05,
+                "db_focal": True, "db_balance_param": 2.0, "db_gamma": 2.0},
+}
+DB_SETTINGS["coco_mlt"] = {**DB_SETTINGS["voc_mlt"], "db_mu": 0.2, "db_neg_scale": 2.0}
 
 
 @register("distribution_balanced")
 def distribution_balanced(*, positives: Any = AUTO, num_examples: Any = AUTO, db_alpha: float = 0.1,
-                          db_beta: float = 10.0, db_mu: float = 0.3, db_lambda: float = 5.0,
-                          db_kappa: float = 0.05) -> PerLabelFn:
+                          db_beta: float = 10.0, db_mu: float = 0.3, db_neg_scale: float = 5.0,
+                          db_init_bias: float = 0.05, db_focal: bool = True, db_balance_param: float = 2.0,
+                          db_gamma: float = 2.0) -> PerLabelFn:
   """Distribution-Balanced loss (Wu et al., "Distribution-Balanced Loss for Multi-Label Classification in
-  Long-Tailed Datasets", ECCV 2020), section 3, with n_i = positives of label i, N = num_examples, C labels:
+  Long-Tailed Datasets", ECCV 2020) as the authors' `ResampleLoss` computes it
+  (wutong16/DistributionBalancedLoss, mllt/models/losses/resample_loss.py) with use_sigmoid=True,
+  reweight_func='rebalance', weight_norm=None, loss_weight=1 and, by default, their VOC-MLT config
+  (`DB_SETTINGS`). n_i = positives of label i, N = num_examples.
 
-  Re-balanced weighting (eqs. 3-5), for instance k::
+  Re-balanced weight (paper eqs. 3-5; their `rebalance_weight`, map_param alpha, beta, gamma = db_alpha,
+  db_beta, db_mu), for instance k::
 
-      P^C_i = (1/C) (1/n_i),   P^I(x^k) = (1/C) sum_{j: y^k_j = 1} 1/n_j,   r^k_i = P^C_i / P^I(x^k)
-      r_hat^k_i = db_alpha + sigmoid(db_beta * (r^k_i - db_mu))
+      r^k_i = (1/n_i) / sum_{j: y^k_j = 1} 1/n_j,   r_hat^k_i = db_alpha + sigmoid(db_beta (r^k_i - db_mu))
 
-  P^I is the SUM over the instance's positive labels (the chance class-aware sampling picks x^k), as in
-  the paper and the authors' code. An instance with no positive label has P^I = 0, r = inf, so
-  r_hat = db_alpha + 1 (the limit). The weight multiplies positive and negative terms alike.
+  An instance with no positive label has r = inf, so r_hat = db_alpha + 1, as theirs.
 
-  Negative-tolerant regularisation (eqs. 6-8), lambda = db_lambda, kappa = db_kappa::
+  Logit regularisation (their `logit_reg_functions`; init_bias = db_init_bias, λ = neg_scale)::
 
-      nu_i = kappa * b_i,   b_i = -log(1/p_i - 1),   p_i = n_i / N   (class prior; the bias init)
-      loss_i = r_hat_i [ y_i log(1 + e^{-(z_i - nu_i)})
-                         + (1/lambda) (1 - y_i) log(1 + e^{lambda (z_i - nu_i)}) ]
+      b_i = -log(N / n_i - 1)   (the logit of the prior n_i / N),   s = z + db_init_bias * b_i / λ
+      loss_i = r_hat_i [ y_i CE(s_i) + (1/λ) (1 - y_i) CE(-λ s_i) ],   CE(x) = -log sigmoid(x)
 
-  computed as -log_sigmoid(z - nu) and -log_sigmoid(-lambda (z - nu)) / lambda. n_i is clipped to
-  [1, N - 1] so p_i is in (0, 1). Defaults: alpha 0.1, beta 10, mu 0.3, lambda 5, kappa 0.05 (the
-  authors' VOC-MLT setting; COCO-MLT used mu 0.2, lambda 2). The paper's best variant also multiplies in
-  a focal term; that is not included. Predictions use sigmoid(z), without the nu shift.
+  Focal term (their focal=dict(focal, balance_param, gamma); on in both their configs, the paper's
+  DB-Focal): each CE is multiplied by db_balance_param (1 - p_t)^db_gamma with p_t = exp(-CE), i.e. from
+  the regularised logit, and the factor is differentiated. With db_focal=False there is no balance_param.
+
+  The paper's eqs. 7-8 shift by -ν = -κ b_i in both terms; that is db_init_bias = -κ λ (docs/losses.md).
+  n_i is clipped to [1, N - 1] (theirs would divide by zero). Their reduction is the mean over examples
+  and labels, as ours. Labels are meant to be binary (soft labels interpolate the two terms linearly).
+  Predictions use sigmoid(z), without the shift.
   """
   pos, n = _class_stats(positives, num_examples)
   if n < 2:
@@ -450,22 +497,28 @@ def distribution_balanced(*, positives: Any = AUTO, num_examples: Any = AUTO, db
   alpha = _number(db_alpha, "db_alpha", low=0.0)
   beta = _number(db_beta, "db_beta", low=0.0)
   mu = _number(db_mu, "db_mu")
-  lam = _number(db_lambda, "db_lambda", low=0.0, low_open=True)
-  kappa = _number(db_kappa, "db_kappa", low=0.0)
+  lam = _number(db_neg_scale, "db_neg_scale", low=0.0, low_open=True)
+  init_bias = _number(db_init_bias, "db_init_bias")
+  focal_on = _flag(db_focal, "db_focal")
+  balance = _number(db_balance_param, "db_balance_param", low=0.0)
+  gamma = _number(db_gamma, "db_gamma", low=0.0)
   counts = np.clip(pos, 1.0, n - 1.0)
   freq_inv = (1.0 / counts).astype(np.float32)
-  nu = (-kappa * np.log(n / counts - 1.0)).astype(np.float32)
+  shift = (-np.log(n / counts - 1.0) * init_bias / lam).astype(np.float32)
 
   def per_label(z, y):
     _check_num_labels(z, freq_inv, "positives")
-    # The common 1/C of P^C and P^I cancels.
     instance_rate = jnp.sum(y * freq_inv, axis=-1, keepdims=True)
     has_positive = instance_rate > 0
     r = freq_inv / jnp.where(has_positive, instance_rate, 1.0)
     r_hat = jnp.where(has_positive, alpha + jax.nn.sigmoid(beta * (r - mu)), alpha + 1.0)
-    shifted = z - nu
-    pos_term = -jax.nn.log_sigmoid(shifted)
-    neg_term = -jax.nn.log_sigmoid(-lam * shifted) / lam
+    s = z + shift
+    pos_term = -jax.nn.log_sigmoid(s)
+    neg_term = -jax.nn.log_sigmoid(-lam * s) / lam
+    if focal_on:
+      # 1 - p_t in log-sigmoid form: sigmoid(-s) for a positive, sigmoid(λ s) for a negative.
+      pos_term = balance * jnp.exp(gamma * jax.nn.log_sigmoid(-s)) * pos_term
+      neg_term = balance * jnp.exp(gamma * jax.nn.log_sigmoid(lam * s)) * neg_term
     return r_hat * (y * pos_term + (1.0 - y) * neg_term)
   return per_label
 

@@ -1,11 +1,12 @@
 """Literal NumPy losses with hand-derived gradients: the baselines of the `losses` suite.
 
-Written as the papers' formulas read, on probabilities p = sigmoid(z), with the backward pass as the
-chain rule through those same formulas (no simplification such as dBCE/dz = p - y). Each returns the
-batch loss (mean over labels, then over examples, as `losses.Objective`) and its gradient with
-respect to the logits. Computed in the logits' dtype (float32 in the benchmark, like ours).
-`value_and_grad_fn(name, params)` gives the baseline of a registered loss configured with `params`
-(an `Objective.params`, class statistics already filled in).
+Written as the papers' formulas read (for `asl` and `distribution_balanced`, as the authors' released
+code computes them), on probabilities p = sigmoid(z), with the backward pass as the chain rule through
+those same formulas (no simplification such as dBCE/dz = p - y). Each returns the batch loss (mean over
+labels, then over examples, as `losses.Objective`) and its gradient with respect to the logits.
+Computed in the logits' dtype (float32 in the benchmark, like ours). `value_and_grad_fn(name, params)`
+gives the baseline of a registered loss configured with `params` (an `Objective.params`, class
+statistics already filled in).
 """
 
 from __future__ import annotations
@@ -44,39 +45,74 @@ def focal_value_and_grad(z, y, *, gamma, alpha=None):
   return _mean_over_elements(loss, d_p, p)
 
 
-def asl_value_and_grad(z, y, *, gamma_neg, gamma_pos, clip):
-  """Ridnik et al. 2021: -[y (1 - p)^g+ log p + (1 - y) p_m^g- log(1 - p_m)], p_m = max(p - m, 0)."""
+def _power_derivative(x, gamma):
+  """d(x^gamma)/dx, with 0 for gamma = 0 (torch.pow's gradient of x^0 is 0, and 0^-1 is not)."""
+  if gamma == 0:
+    return np.zeros_like(x)
+  with np.errstate(divide="ignore"):
+    return gamma * x**(gamma - 1)
+
+
+def asl_value_and_grad(z, y, *, gamma_neg, gamma_pos, clip, focusing_grad=False, clamp_eps=1e-8):
+  """Ridnik et al. 2021 as the authors' `AsymmetricLoss` computes it (Alibaba-MIIL/ASL):
+
+  p = sigmoid(z), q = min(1 - p + m, 1) (1 - p without the clip), w+ = (1 - p)^g+, w- = (1 - q)^g-,
+  loss = -[y w+ log(max(p, eps)) + (1 - y) w- log(max(q, eps))]. The weights are constants for the
+  backward unless `focusing_grad` (their `disable_torch_grad_focal_loss=False`); a clamp passes gradient
+  only where its input is inside the bound, as torch's.
+  """
   p = sigmoid(z)
-  p_m = np.maximum(p - clip, 0)
-  loss = -(y * (1 - p)**gamma_pos * np.log(p) + (1 - y) * p_m**gamma_neg * np.log(1 - p_m))
-  # d p_m / d p is 1 where p > m and 0 where the clip holds p_m at 0.
+  q_raw = 1 - p + clip
+  q = np.minimum(q_raw, 1) if clip > 0 else 1 - p
+  with np.errstate(divide="ignore"):
+    log_p = np.log(np.maximum(p, clamp_eps))
+    log_q = np.log(np.maximum(q, clamp_eps))
+  w_pos, w_neg = (1 - p)**gamma_pos, (1 - q)**gamma_neg
+  loss = -(y * w_pos * log_p + (1 - y) * w_neg * log_q)
+  d_q = np.where(q_raw <= 1, -1.0, 0.0) if clip > 0 else -1.0
   with np.errstate(divide="ignore", invalid="ignore"):
-    d_neg = np.where(p_m > 0, gamma_neg * p_m**(gamma_neg - 1) * np.log(1 - p_m)
-                     - p_m**gamma_neg / (1 - p_m), 0)
-  d_p = -(y * (-gamma_pos * (1 - p)**(gamma_pos - 1) * np.log(p) + (1 - p)**gamma_pos / p)
-          + (1 - y) * d_neg)
+    d_log_p = np.where(p >= clamp_eps, 1 / p, 0)
+    d_log_q = np.where(q >= clamp_eps, d_q / q, 0)
+  d_p = -(y * w_pos * d_log_p + (1 - y) * w_neg * d_log_q)
+  if focusing_grad:
+    d_w_pos = -_power_derivative(1 - p, gamma_pos)
+    d_w_neg = -_power_derivative(1 - q, gamma_neg) * d_q
+    d_p = d_p - (y * d_w_pos * log_p + (1 - y) * d_w_neg * log_q)
   return _mean_over_elements(loss, d_p, p)
 
 
 def distribution_balanced_value_and_grad(z, y, *, positives, num_examples, db_alpha, db_beta, db_mu,
-                                         db_lambda, db_kappa):
-  """Wu et al. 2020, eqs. 3-8, with the 1/C factors written out (counts clipped to [1, N - 1]):
+                                         db_neg_scale, db_init_bias, db_focal, db_balance_param, db_gamma):
+  """Wu et al. 2020 as the authors' `ResampleLoss` computes it (wutong16/DistributionBalancedLoss) with
+  reweight_func='rebalance' and loss_weight 1; class counts clipped to [1, N - 1] as ours:
 
-  r_hat [y log(1 + e^-(z - nu)) + (1/lambda)(1 - y) log(1 + e^(lambda (z - nu)))]; r_hat depends on y
-  only, so the backward is r_hat [-y s(-(z - nu)) + (1 - y) s(lambda (z - nu))] with s the sigmoid.
+  w = sigmoid(beta (freq_inv / sum(y freq_inv) - mu)) + alpha; x = z - log(N / n - 1) init_bias / neg_scale;
+  negatives: x *= neg_scale, w /= neg_scale; ce = BCE-with-logits(x, y) in torch's stable form
+  max(x, 0) - x y + log(1 + e^-|x|); focal: loss = balance (1 - e^-ce)^gamma w ce, else w ce. w depends on
+  y only, so the backward is through ce and the focal factor to x, then dx/dz = neg_scale or 1.
   """
   n = np.clip(np.asarray(positives, z.dtype), 1, num_examples - 1)
-  c = n.size
-  p_class = (1 / c) * (1 / n)
-  p_instance = (1 / c) * np.sum(y * (1 / n), axis=1, keepdims=True)
+  freq_inv = 1 / n
+  repeat_rate = np.sum(y * freq_inv, axis=1, keepdims=True)
   with np.errstate(divide="ignore", over="ignore"):
-    r = p_class / p_instance  # inf for an instance without positives: r_hat = alpha + 1.
-    r_hat = db_alpha + 1 / (1 + np.exp(-db_beta * (r - db_mu)))
-  nu = db_kappa * -np.log(num_examples / n - 1)
-  shifted = z - nu
-  loss = r_hat * (y * np.log1p(np.exp(-shifted))
-                  + (1 / db_lambda) * (1 - y) * np.log1p(np.exp(db_lambda * shifted)))
-  d_z = r_hat * (-y * sigmoid(-shifted) + (1 - y) * sigmoid(db_lambda * shifted))
+    pos_weight = freq_inv / repeat_rate  # inf for an instance without positives: w = alpha + 1.
+    weight = 1 / (1 + np.exp(-db_beta * (pos_weight - db_mu))) + db_alpha
+  x = z + (-np.log(num_examples / n - 1) * db_init_bias / db_neg_scale).astype(z.dtype)
+  scale = (1 - y) * db_neg_scale + y
+  x = x * scale
+  weight = weight / db_neg_scale * (1 - y) + weight * y
+  e = np.exp(-np.abs(x))
+  ce = np.maximum(x, 0) - x * y + np.log1p(e)
+  d_ce = (x > 0).astype(x.dtype) - y - np.sign(x) * e / (1 + e)
+  if db_focal:
+    pt = np.exp(-ce)
+    factor = (1 - pt)**db_gamma
+    loss = db_balance_param * factor * weight * ce
+    d_loss_d_ce = db_balance_param * weight * (factor + ce * _power_derivative(1 - pt, db_gamma) * pt)
+  else:
+    loss = weight * ce
+    d_loss_d_ce = weight
+  d_z = d_loss_d_ce * d_ce * scale
   return float(loss.mean()), (d_z / loss.size).astype(z.dtype)
 
 
