@@ -77,15 +77,63 @@ def chunking(request, monkeypatch):
 # Ranking metrics
 
 
+@pytest.fixture(params=["serial", "threads"])
+def threading(request, monkeypatch):
+  # Forces the thread pool (and micro AP's sorted pieces, 3 of them) even on tiny inputs and one core.
+  if request.param == "threads":
+    monkeypatch.setattr(metrics, "_PARALLEL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(metrics, "_available_cpus", lambda: 3)
+
+
 @pytest.mark.parametrize("style", SCORE_STYLES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_average_precision_matches_sklearn(style, seed, chunking):
+def test_average_precision_matches_sklearn(style, seed, threading):
   y, scores = _case(seed, style)
   ours = metrics.average_precision(y, scores)
   reference = _sklearn_per_column(skm.average_precision_score, y, scores)
   has_positive = y.sum(axis=0) > 0
-  np.testing.assert_allclose(ours[has_positive], reference[has_positive], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(ours[has_positive], reference[has_positive], rtol=0, atol=1e-12)
   assert np.all(np.isnan(ours[~has_positive]))
+
+
+def _quantised_case(seed: int, dtype, num_images: int = 3000) -> tuple[np.ndarray, np.ndarray]:
+  """Heavy ties: informative scores rounded to 2 decimals, one column with 3 levels, the edge columns."""
+  rng = np.random.default_rng(seed)
+  y = _labels(rng, num_images)
+  scores = np.round(0.7 * rng.random(y.shape) + 0.3 * y, 2)
+  scores[:, 1] = rng.integers(0, 3, num_images) / 2
+  return y, scores.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_average_precision_equals_sklearn_to_1e12_with_heavy_ties(dtype, seed, threading):
+  y, scores = _quantised_case(seed, dtype)
+  ours = metrics.average_precision(y, scores)
+  reference = _sklearn_per_column(skm.average_precision_score, y, scores)
+  np.testing.assert_allclose(ours[:-1], reference[:-1], rtol=0, atol=1e-12)
+  assert ours[4] == 1.0  # all positive: precision 1 at every threshold
+  assert np.isnan(ours[-1])  # no positive
+  assert metrics.micro_average_precision(y, scores) == pytest.approx(
+      skm.average_precision_score(y, scores, average="micro"), rel=0, abs=1e-12)
+
+
+def test_average_precision_ties_like_sklearn_on_signed_zeros_and_neighbouring_floats():
+  # -0.0 == 0.0 is one threshold; adjacent float32 values are two.
+  tiny = np.nextafter(np.float32(0.5), np.float32(1))
+  scores = np.array([[0.0], [-0.0], [0.5], [tiny], [-0.0], [0.5]], np.float32)
+  y = np.array([[1], [0], [0], [1], [1], [0]])
+  assert metrics.average_precision(y, scores)[0] == pytest.approx(
+      skm.average_precision_score(y[:, 0], scores[:, 0]), rel=0, abs=1e-15)
+  assert metrics.micro_average_precision(y, scores) == pytest.approx(
+      skm.average_precision_score(y[:, 0], scores[:, 0]), rel=0, abs=1e-15)
+
+
+def test_average_precision_without_images_or_labels():
+  assert np.all(np.isnan(metrics.average_precision(np.zeros((0, 3)), np.zeros((0, 3)))))
+  assert metrics.average_precision(np.zeros((4, 0)), np.zeros((4, 0))).shape == (0,)
+  assert np.isnan(metrics.micro_average_precision(np.zeros((0, 3)), np.zeros((0, 3))))
+  assert np.isnan(metrics.micro_average_precision(np.zeros((4, 2)), np.ones((4, 2))))
 
 
 def test_average_precision_is_not_the_trapezoid_area():
@@ -100,10 +148,10 @@ def test_average_precision_is_not_the_trapezoid_area():
 
 
 @pytest.mark.parametrize("style", SCORE_STYLES)
-def test_micro_average_precision_matches_sklearn(style, chunking):
+def test_micro_average_precision_matches_sklearn(style, threading):
   y, scores = _case(3, style)
   assert metrics.micro_average_precision(y, scores) == pytest.approx(
-      skm.average_precision_score(y, scores, average="micro"), abs=1e-6)
+      skm.average_precision_score(y, scores, average="micro"), rel=0, abs=1e-12)
 
 
 def test_macro_average_precision_excludes_labels_without_positives():
@@ -149,7 +197,7 @@ def test_ranking_metrics_accept_float32_and_bool():
   y, scores = _case(5, "continuous")
   ours = metrics.average_precision(y.astype(bool), scores.astype(np.float32))
   reference = _sklearn_per_column(skm.average_precision_score, y, scores.astype(np.float32))
-  np.testing.assert_allclose(ours[:-1], reference[:-1], atol=1e-6)
+  np.testing.assert_allclose(ours[:-1], reference[:-1], rtol=0, atol=1e-12)
 
 
 def test_ranking_metrics_reject_bad_input():

@@ -17,14 +17,19 @@ Conventions:
   `precision_recall_fscore_support(..., zero_division=0)`. Macro P/R/F1 average over *all* labels, as
   scikit-learn does.
 
-Every ranking metric sorts each column once and works on cumulative counts at the ends of tie groups,
-vectorised over columns; columns are processed in chunks so that memory stays bounded for big test sets.
+Average precision sorts each column's scores and its positives' scores (values, not an argsort) and
+counts, for each distinct positive score, the images scoring at least as high; columns (or, for micro
+AP, pieces of the flattened scores) run on one thread per core. The other ranking metrics sort each
+column once and work on cumulative counts at the ends of tie groups, vectorised over columns; columns
+are processed in chunks so that memory stays bounded for big test sets.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -34,6 +39,8 @@ from wikitopics_jax.errors import InputError
 
 # Elements per column chunk of the ranking metrics: a handful of (rows, chunk) int64 arrays live at once.
 _CHUNK_ELEMENTS = 1 << 22
+# Below this many scores, average precision runs on the calling thread: a pool would cost more.
+_PARALLEL_MIN_ELEMENTS = 1 << 18
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -150,17 +157,62 @@ def _divide_or_zero(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarra
 # Ranking metrics
 
 
-def _ap_from_counts(counts: RankedCounts) -> np.ndarray:
-  new_tps = counts.tps - counts.previous_end(counts.tps, 0)
-  step_sum = np.where(counts.is_end, new_tps * counts.precision(), 0.0).sum(axis=0)
-  return _divide_or_nan(step_sum, counts.num_positives)
+def _available_cpus() -> int:
+  if hasattr(os, "sched_getaffinity"):  # Linux: honours taskset / container CPU sets.
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def _count_below(scores: np.ndarray, thresholds: np.ndarray, pieces: int,
+                 pool: concurrent.futures.Executor | None) -> np.ndarray:
+  """Per threshold (sorted), how many of `scores` are strictly below it.
+
+  Sorts the scores in `pieces` parts, on the pool if given, and sums the parts' binary searches: a
+  long column (micro AP's) is sorted on all cores, and no argsort is needed since only counts matter.
+  """
+  def count(part: np.ndarray) -> np.ndarray:
+    return np.searchsorted(np.sort(part), thresholds, side="left")
+
+  parts = np.array_split(scores, pieces) if pieces > 1 else [scores]
+  counts = pool.map(count, parts) if pool is not None and len(parts) > 1 else map(count, parts)
+  return sum(counts, np.zeros(thresholds.shape, np.int64))
+
+
+def _binary_average_precision(positive: np.ndarray, scores: np.ndarray, pieces: int = 1,
+                              pool: concurrent.futures.Executor | None = None) -> float:
+  """scikit-learn's AP of one 1-D column; NaN without positives.
+
+  Only the distinct scores of positives are thresholds where recall moves: at such a score t,
+  R_n - R_{n-1} = (positives scoring exactly t) / P and P_n = (positives scoring >= t) / (images
+  scoring >= t), every tie at t included as in scikit-learn's `precision_recall_curve`. So one sort of
+  the positives' scores and one of all scores (for the counts of images above each t) suffice.
+  """
+  positive_scores = np.sort(scores[positive])
+  num_positives = positive_scores.size
+  if num_positives == 0:
+    return math.nan
+  starts = np.flatnonzero(np.concatenate(([True], positive_scores[1:] != positive_scores[:-1])))
+  thresholds = positive_scores[starts]
+  new_tps = np.diff(starts, append=num_positives)
+  tps = num_positives - starts
+  predicted = scores.size - _count_below(scores, thresholds, pieces, pool)
+  return float(np.sum(new_tps * (tps / predicted)) / num_positives)
+
+
+def _thread_pool(num_tasks: int, num_elements: int) -> concurrent.futures.ThreadPoolExecutor | None:
+  """A pool of one thread per core for big inputs (NumPy's sort and search release the GIL)."""
+  workers = min(_available_cpus(), num_tasks)
+  if workers < 2 or num_elements < _PARALLEL_MIN_ELEMENTS:
+    return None
+  return concurrent.futures.ThreadPoolExecutor(workers)
 
 
 def average_precision(y_true: Any, scores: Any) -> np.ndarray:
   """Per-label average precision, as `sklearn.metrics.average_precision_score` per column.
 
   AP = sum_n (R_n - R_{n-1}) P_n over the distinct score thresholds in decreasing order; images with
-  tied scores enter the ranking together.
+  tied scores enter the ranking together. Each column costs a sort of its scores and one of its
+  positives' scores (no argsort); columns run on one thread per core.
 
   Args:
     y_true: (N, L) binary ground truth.
@@ -170,7 +222,17 @@ def average_precision(y_true: Any, scores: Any) -> np.ndarray:
     (L,) float64; NaN for labels without positives (undefined; scikit-learn would warn and give 0).
   """
   y_true, scores = check_labels_and_scores(y_true, scores)
-  return map_column_chunks(_ap_from_counts, y_true, scores)
+  num_cols = scores.shape[1]
+
+  def column(j: int) -> float:
+    # A strided column is copied once by the sort; no transposed copy of the whole matrix is needed.
+    return _binary_average_precision(y_true[:, j], scores[:, j])
+
+  pool = _thread_pool(num_cols, scores.size)
+  if pool is None:
+    return np.array([column(j) for j in range(num_cols)], dtype=np.float64)
+  with pool:
+    return np.array(list(pool.map(column, range(num_cols))), dtype=np.float64)
 
 
 def macro_average_precision(y_true: Any, scores: Any) -> tuple[float, int]:
@@ -183,9 +245,17 @@ def macro_average_precision(y_true: Any, scores: Any) -> tuple[float, int]:
 
 
 def micro_average_precision(y_true: Any, scores: Any) -> float:
-  """AP of the flattened (image, label) pairs, as scikit-learn's average='micro'. NaN if no positives."""
+  """AP of the flattened (image, label) pairs, as scikit-learn's average='micro'. NaN if no positives.
+
+  The flattened scores are sorted in one piece per core, in parallel (see `_count_below`).
+  """
   y_true, scores = check_labels_and_scores(y_true, scores)
-  return float(map_column_chunks(_ap_from_counts, y_true.reshape(-1, 1), scores.reshape(-1, 1))[0])
+  pieces = _available_cpus()
+  pool = _thread_pool(pieces, scores.size)
+  if pool is None:
+    return _binary_average_precision(y_true.ravel(), scores.ravel())
+  with pool:
+    return _binary_average_precision(y_true.ravel(), scores.ravel(), pieces, pool)
 
 
 def _pr_trapezoid_from_counts(counts: RankedCounts) -> np.ndarray:
