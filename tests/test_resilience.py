@@ -224,3 +224,77 @@ def test_profile_window_writes_a_trace(tmp_path, data_dir):
                             **{"profile.start_step": 2, "profile.num_steps": 1}), workdir)
   traces = glob.glob(os.path.join(workdir, "profile", "plugins", "profile", "*", "*.xplane.pb"))
   assert traces, os.listdir(os.path.join(workdir, "profile"))
+
+
+def _kill_when_checkpoint(workdir, data_dir, overrides, min_step):
+  """Starts `train` in a subprocess and SIGKILLs it once a checkpoint >= min_step is on disk."""
+  proc = subprocess.Popen(
+      _cli(["train", f"--config={REPO}/configs/tiny.py:{data_dir}", f"--workdir={workdir}",
+            *[f"--config.{k}={v}" for k, v in overrides.items()]]),
+      env=_env(8), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+    if steps and max(steps) >= min_step:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+
+
+def _results(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
+
+
+def test_best_checkpoint_and_results_survive_repeated_kills(tmp_path, data_dir):
+  """Validation loss goes down, then up (a learning rate that diverges after step 8); only the latest
+  checkpoint and the best are kept. Before checkpoints stored their metrics, a restart forgot the
+  best, Orbax deleted it, and a later, worse checkpoint was marked best."""
+  overrides = {"thresholds.tune": False, "num_epochs": 3, "eval_every_steps": 2,
+               "optimizer.learning_rate": 0.03, "checkpoint.keep_latest": 1}
+  reference = str(tmp_path / "reference")
+  trainer.train_and_evaluate(tiny_config(data_dir, **overrides), reference)
+  best = json.load(open(os.path.join(reference, "checkpoints", "best.json")))
+  assert 2 < best["step"] < 10, best  # the precondition: the best is neither first nor last
+
+  killed = str(tmp_path / "killed")
+  for min_step in (best["step"] - 2, best["step"] + 2):
+    _kill_when_checkpoint(killed, data_dir, overrides, min_step)
+  trainer.train_and_evaluate(tiny_config(data_dir, **overrides), killed)
+  assert json.load(open(os.path.join(killed, "checkpoints", "best.json"))) == best
+  ckpt = checkpointing.Checkpointer(os.path.join(killed, "checkpoints"), read_only=True)
+  assert best["step"] in ckpt.all_steps()
+  _assert_same_state(ckpt.restore_arrays(best["step"]),
+                     _final_arrays(reference, step=best["step"]))
+  assert _results(killed) == _results(reference)
+
+
+def _damage_arrays(workdir, step):
+  state = os.path.join(workdir, "checkpoints", str(step), "state")
+  files = [p for p in glob.glob(os.path.join(state, "**", "d", "*"), recursive=True)]
+  assert files
+  for path in files:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+
+
+def test_a_corrupt_latest_checkpoint_is_skipped_and_training_resumes_from_the_previous(
+    tmp_path, data_dir, reference):
+  workdir = str(tmp_path / "corrupt")
+  shutil.copytree(reference, workdir)
+  _damage_arrays(workdir, 8)
+  _damage_arrays(workdir, 7)
+  proc = subprocess.run(
+      _cli(["train", f"--config={REPO}/configs/tiny.py:{data_dir}", f"--workdir={workdir}",
+            "--config.checkpoint.every_steps=1", "--config.checkpoint.keep_latest=8",
+            "--config.thresholds.tune=False"]),
+      env=_env(8), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  skipped = [line for line in proc.stdout.splitlines() if line.startswith("skipping checkpoint")]
+  assert [line.split()[3].rstrip(":") for line in skipped] == ["8", "7"], proc.stdout
+  assert "resumed from" in proc.stdout and "at step 6" in proc.stdout
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert len(glob.glob(os.path.join(workdir, "checkpoints.corrupt", "*"))) == 2
+  _assert_same_state(_final_arrays(workdir), _final_arrays(reference))
