@@ -1,4 +1,5 @@
-"""The base config every experiment config starts from (configs/*.py call `base_config()`)."""
+"""The base config every experiment config starts from (configs/*.py call `base_config()`), and
+`check`, the early check of its registry names."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import ml_collections
 
 from wikitopics_jax import losses
 from wikitopics_jax import models
+from wikitopics_jax.errors import InputError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -50,7 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.loss = losses.default_config("bce")
   c.optimizer = ml_collections.ConfigDict({"name": "adam", "learning_rate": 1e-3})
-  c.schedule = ml_collections.ConfigDict({"name": "constant"})
+  # warmup_steps: a linear warm-up, which every schedule takes (optimizers.py; 0 = none).
+  c.schedule = ml_collections.ConfigDict({"name": "constant", "warmup_steps": 0})
   # Exponential moving average of the trainable parameters (0 = off), kept in the optimiser state
   # (so it is checkpointed) and evaluated next to the raw parameters: ema_val_* metrics every
   # evaluation, and an "ema" section in the test results.
@@ -80,3 +83,23 @@ def base_config() -> ml_collections.ConfigDict:
   # XProf trace of num_steps steps from start_step (0 = off), written to workdir/profile.
   c.profile = ml_collections.ConfigDict({"start_step": 0, "num_steps": 5})
   return c
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Raises InputError (one line naming the key) on a registry name that no entry has.
+
+  The jobs look these names up only after preparing the data; `wikitopics` calls this right after
+  parsing the command line, so a typo fails at once. Keys absent from an older saved config are
+  skipped (the jobs default them).
+  """
+  from wikitopics_jax import optimizers  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax import resampling  # pylint: disable=g-import-not-at-top
+  for path, names in (("model.name", models.MODELS), ("loss.name", losses.LOSSES),
+                      ("optimizer.name", optimizers.OPTIMIZERS),
+                      ("schedule.name", optimizers.SCHEDULES),
+                      ("data.resampling.method", resampling.RESAMPLERS)):
+    node = config
+    for key in path.split("."):
+      node = node.get(key) if hasattr(node, "get") else None
+    if node is not None and node not in names:
+      raise InputError(f"config.{path}={node!r}: unknown {names.kind}; valid names: {names.names()}")

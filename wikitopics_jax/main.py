@@ -8,22 +8,35 @@ r"""Command line: `wikitopics <command> [flags]` (or `python -m wikitopics_jax.m
   report    --workdir=DIR [--split=test] [--checkpoint=best] [--out=DIR]
   generate  --data_dir=DIR [--num_images=20000 --image_size=64 --seed=0 --label_noise=0]
   ingest    --data_dir=DIR --labels=TABLES [--wit_tsv=FILES] [--image_dirs=DIRS] [--kaggle_pixels=FILES]
-            [--taxonomy=v1.3 --image_size=64 --splits=train:0.7,...] | --human_annotations=FILES ...
+            [--taxonomy=v1.3 --image_size=64 --splits=train:0.7,... --extensions=jpg,jpeg
+            --mime_types=image/jpeg --keep_unlabelled]
+  ingest    --data_dir=DIR --human_annotations=FILES --image_dirs=DIRS [--geology_and_fossils=categories]
   fetch     --out=DIR --width=120 --user_agent="name/1.0 (url; email)" (--labels=... | --wit_tsv=...)
+            [--extensions=jpg,jpeg --max_workers=4 --requests_per_second=40]
   stats     --data_dir=DIR [--split=train] [--out=DIR] [--resampling=heuristic_under[:0.8]]
   bench     [--suites=...] [--tiny] [--out=bench.json]      (see wikitopics_jax/bench/cli.py)
 
-Comma-separated list flags take globs. Bad input (a missing file, an unknown label, a wrong config
-key) prints one line naming it and exits 2; a non-finite loss exits 3.
+Every command also takes --verbose, --jax_cache_dir, --host_malloc and the multi-host flags
+(--distributed ...); a flag of another command is an error. Comma-separated list flags take globs.
+Bad input (a missing file, an unknown label, a wrong config key or value, a flag the command does
+not take) prints one line `error: ...` naming it and exits 2; a non-finite loss exits 3.
+
+Library logging (Orbax's and Grain's INFO and WARNING lines, absl INFO) is off by default: our
+progress lines go to stdout and errors still show. --verbose (or absl's -v/--verbosity) brings it
+back.
 """
 
 from __future__ import annotations
 
+import ast
 import glob
 import inspect
 import json
+import logging as logging_lib
 import os
 import sys
+import traceback
+from typing import NoReturn
 
 from absl import app
 from absl import flags
@@ -66,8 +79,22 @@ _SPLITS = flags.DEFINE_string("splits", "train:0.7,val:0.075,threshold:0.075,tes
 _ENCODING = flags.DEFINE_enum("image_encoding", "raw", ["raw", "png", "jpeg"], "ingest: stored encoding.")
 _RESIZE = flags.DEFINE_enum("resize", "squash", ["squash", "center_crop"], "ingest/predict: resizing.")
 _WORKERS = flags.DEFINE_integer("num_workers", 0, "ingest: worker processes (0 = all CPUs).")
+# None = the command's default (ingest keeps what the thesis kept; fetch everything); empty = all.
+_EXTENSIONS = flags.DEFINE_list("extensions", None, "ingest/fetch: file extensions kept (no dot; "
+                                "'' = all; default: ingest jpg,jpeg as the thesis, fetch all).")
+_MIME_TYPES = flags.DEFINE_list("mime_types", None, "ingest: WIT mime types kept where a WIT row "
+                                "gives one ('' = all; default: image/jpeg as the thesis).")
+_KEEP_UNLABELLED = flags.DEFINE_bool("keep_unlabelled", False, "ingest: keep images without any "
+                                     "label (all-negative examples) instead of dropping them.")
+_GEOLOGY = flags.DEFINE_enum(
+    "geology_and_fossils", "categories", ["categories", "both", "drop"],
+    "ingest --human_annotations: v1.4's 'Geology & Fossils' becomes Fossils when the title or "
+    "categories name a fossil, else Geology ('categories'); or both labels; or is dropped.")
 _WIDTH = flags.DEFINE_integer("width", 120, "fetch: thumbnail width (Wikimedia's standard widths).")
 _USER_AGENT = flags.DEFINE_string("user_agent", None, "fetch: descriptive User-Agent with contact.")
+_MAX_WORKERS = flags.DEFINE_integer("max_workers", 4, "fetch: concurrent downloads.")
+_RATE = flags.DEFINE_float("requests_per_second", None, "fetch: request rate limit (default: only "
+                           "--max_workers bounds it).")
 _RESAMPLING = flags.DEFINE_string(
     "resampling", None, "stats: also the statistics after resampling with this method (see "
     "resampling.py), optionally with its keep/extra fraction as METHOD:FRACTION, and Figure 4.1.")
@@ -80,8 +107,42 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the libraries' logging (Orbax, Grain, absl "
+                             "INFO and WARNING lines), which is off by default.")
 
 COMMANDS = ("train", "evaluate", "predict", "report", "generate", "ingest", "fetch", "stats", "bench")
+
+# The flags each command takes. absl flags are global, so without this a flag of another command
+# would be silently ignored; `config` stands for --config and all its --config.* overrides.
+COMMAND_FLAGS = {
+    "train": ("config", "workdir"),
+    "evaluate": ("workdir", "checkpoint", "split", "thresholds", "ema", "watch", "poll_seconds",
+                 "watch_timeout", "config"),
+    "predict": ("workdir", "images_dir", "data_dir", "split", "out", "checkpoint", "thresholds",
+                "coherent", "jsonl", "resize", "ema", "config"),
+    "report": ("workdir", "split", "checkpoint", "out", "config"),
+    "generate": ("data_dir", "num_images", "image_size", "seed", "label_noise"),
+    "ingest": ("data_dir", "labels", "wit_tsv", "image_dirs", "kaggle_pixels", "taxonomy",
+               "image_size", "splits", "image_encoding", "resize", "num_workers", "extensions",
+               "mime_types", "keep_unlabelled", "human_annotations", "geology_and_fossils"),
+    "fetch": ("out", "width", "user_agent", "labels", "wit_tsv", "extensions", "max_workers",
+              "requests_per_second"),
+    "stats": ("data_dir", "split", "out", "resampling"),
+    "bench": bench_cli.FLAG_NAMES,
+}
+# Process set-up, taken by every command (as are absl's own flags: --flagfile, -v, --help, ...).
+COMMON_FLAGS = ("verbose", "jax_cache_dir", "host_malloc", "distributed", "coordinator_address",
+                "num_processes", "process_id")
+# ingest has two modes: a labels table with WIT/Kaggle inputs, or the human annotations (whose
+# settings are fixed: one split, every format, unlabelled images kept).
+_TABLE_INGEST_ONLY = ("labels", "wit_tsv", "kaggle_pixels", "taxonomy", "splits", "extensions",
+                      "mime_types", "keep_unlabelled")
+_HUMAN_INGEST_ONLY = ("geology_and_fossils",)
+# Checked before the command imports JAX and its modules (seconds), so a usage error is instant.
+REQUIRED_FLAGS = {"train": ("config", "workdir"), "evaluate": ("workdir",),
+                  "predict": ("workdir", "out"), "report": ("workdir",), "generate": ("data_dir",),
+                  "ingest": ("data_dir",), "fetch": ("out", "user_agent"), "stats": ("data_dir",),
+                  "bench": ()}
 
 
 def _required(flag, command: str):
@@ -146,18 +207,32 @@ def _generate():
 
 
 def _ingest():
-  from wikitopics_jax import human_annotations, ingest  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.errors import InputError  # pylint: disable=g-import-not-at-top
   data_dir = _required(_DATA_DIR, "ingest")
   workers = _WORKERS.value or None
-  if _HUMAN.value:
+  human = bool(_HUMAN.value)
+  # A flag of the other mode would be silently ignored.
+  for name in _TABLE_INGEST_ONLY if human else _HUMAN_INGEST_ONLY:
+    if flags.FLAGS[name].present:
+      raise InputError(f"ingest: --{name} does not apply "
+                       f"{'with' if human else 'without'} --human_annotations")
+  if not human:
+    _required(_LABELS, "ingest")
+  from wikitopics_jax import human_annotations, ingest  # pylint: disable=g-import-not-at-top
+  if human:
     manifest = human_annotations.run_human_ingest(
         data_dir, annotations=_files(_HUMAN.value), image_dirs=_IMAGE_DIRS.value,
         image_size=_IMAGE_SIZE.value, resize=_RESIZE.value, image_encoding=_ENCODING.value,
-        num_workers=workers)
+        geology_and_fossils=_GEOLOGY.value, num_workers=workers)
   else:
-    settings = ingest.IngestSettings(taxonomy=_TAXONOMY.value, image_size=_IMAGE_SIZE.value,
-                                     resize=_RESIZE.value, image_encoding=_ENCODING.value,
-                                     splits=ingest.parse_splits(_SPLITS.value))
+    settings = ingest.IngestSettings(
+        taxonomy=_TAXONOMY.value, image_size=_IMAGE_SIZE.value, resize=_RESIZE.value,
+        image_encoding=_ENCODING.value, splits=ingest.parse_splits(_SPLITS.value),
+        extensions=(ingest.DEFAULT_EXTENSIONS if _EXTENSIONS.value is None
+                    else tuple(_EXTENSIONS.value)),
+        mime_types=(ingest.DEFAULT_MIME_TYPES if _MIME_TYPES.value is None
+                    else tuple(_MIME_TYPES.value)),
+        keep_unlabelled=_KEEP_UNLABELLED.value)
     manifest = ingest.run_ingest(data_dir, labels=_files(_required(_LABELS, "ingest")),
                                  wit_tsv=_files(_WIT_TSV.value), image_dirs=_IMAGE_DIRS.value,
                                  kaggle_pixels=_files(_KAGGLE.value), settings=settings,
@@ -169,7 +244,9 @@ def _fetch():
   from wikitopics_jax import thumbnails  # pylint: disable=g-import-not-at-top
   report = thumbnails.run_fetch(_required(bench_cli.OUT_FLAG, "fetch"), width=_WIDTH.value,
                                 user_agent=_required(_USER_AGENT, "fetch"),
-                                labels=_files(_LABELS.value), wit_tsv=_files(_WIT_TSV.value))
+                                labels=_files(_LABELS.value), wit_tsv=_files(_WIT_TSV.value),
+                                extensions=_EXTENSIONS.value or (), max_workers=_MAX_WORKERS.value,
+                                requests_per_second=_RATE.value)
   print(report)
 
 
@@ -243,13 +320,140 @@ _RUNNERS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "report
             "bench": _bench}
 
 
+def _fail(message: str, code: int = 2) -> NoReturn:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def _config_argument(argv: list[str]) -> str | None:
+  """The --config value on a command line (None when absent)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(("--config=", "-config=")):
+      return arg.split("=", 1)[1]
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _one_line(text: str) -> str:
+  return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _parse_error(error: Exception, argv: list[str]) -> str:
+  """One line for an error raised while absl parsed the command line (config files load then)."""
+  config = _config_argument(argv)
+  where = f"--config={config}" if config is not None else "--config"
+  frames = [frame.filename for frame in traceback.extract_tb(error.__traceback__)]
+  overrides = [a.split("=", 1)[0].lstrip("-") for a in argv if a.lstrip("-").startswith("config.")]
+  in_overrides = any(f.endswith("config_path.py") for f in frames)
+  if isinstance(error, (KeyError, AttributeError)) and in_overrides:
+    # An override naming a key the config lacks. ml_collections' message is the key's repr, then
+    # maybe a "Did you mean" line; an AttributeError holds the KeyError's repr of that message.
+    text = str(error.args[0]) if error.args else str(error)
+    if isinstance(error, AttributeError) and text[:1] in "'\"":
+      try:
+        text = str(ast.literal_eval(text))
+      except (ValueError, SyntaxError):
+        pass
+    key, _, hint = text.partition("\n")
+    key = key.strip().strip("'\"")
+    named = [o for o in overrides if key in o.split(".")[1:]] or overrides
+    flag = f"--{named[0]}" if named else where
+    hint = f"; {_one_line(hint)}" if hint else ""
+    return f"{flag}: the config ({where}) has no key {key!r}{hint}"
+  message = str(error).strip()
+  if (isinstance(error, flags.UnrecognizedFlagError) and error.flagname.startswith("config.")
+      and config is None):
+    return f"--{error.flagname}: overrides of the config need a config file (--config=FILE)"
+  if isinstance(error, flags.Error) and "Error whilst parsing config file" not in message:
+    return _one_line(message)
+  if isinstance(error, OSError):
+    # ml_collections lists the paths it tried; the last line says why the last one failed.
+    return f"{where}: {message.splitlines()[-1].strip()}"
+  # An error of the config file itself. ml_collections puts its traceback into the message
+  # ("Error whilst parsing config file: ..."); the last line is the exception.
+  last = message.splitlines()[-1].strip() if message else ""
+  if not last or last == message:
+    last = f"{type(error).__name__}: {_one_line(message)}"
+  return f"{where}: {last}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every error one line and exit 2 (app.run's `flags_parser`).
+
+  --config files are loaded while the flags are parsed, so their errors (a missing file, an unknown
+  override key, a value of the wrong type) arise here, before `main` could report them.
+  """
+  try:
+    rest = flags.FLAGS(argv)
+  except (flags.Error, OSError, KeyError, AttributeError, ValueError, TypeError,
+          SyntaxError) as e:
+    _fail(_parse_error(e, argv))
+  if _CONFIG.value is not None:
+    try:
+      _CONFIG.value.keys()  # A file that failed to load only raises when the config is first read.
+    except OSError as e:
+      _fail(_parse_error(e, argv))
+  return rest
+
+
+def _check_command_flags(command: str) -> None:
+  from wikitopics_jax.errors import InputError  # pylint: disable=g-import-not-at-top
+  allowed = set(COMMAND_FLAGS[command]) | set(COMMON_FLAGS)
+  ours = {name for names in COMMAND_FLAGS.values() for name in names}
+  for name in flags.FLAGS:
+    base = name.split(".", 1)[0]  # --config.loss.name is --config's
+    if base in ours and base not in allowed and flags.FLAGS[name].present:
+      valid = " ".join(f"--{n}" for n in COMMAND_FLAGS[command])
+      raise InputError(f"--{name} is not a flag of `wikitopics {command}`; its flags: {valid} "
+                       "(and --verbose, --jax_cache_dir, --host_malloc, the multi-host flags)")
+
+
+# Libraries whose routine INFO/WARNING lines are noise here (a read-only checkpoint manager per
+# evaluation, every save and restore, every data loader). Orbax and Grain log through absl's logger,
+# so their records are told apart by the file they come from.
+_NOISY_LIBRARIES = ("orbax", "grain")
+
+
+class _LibraryNoise(logging_lib.Filter):
+  """Drops records below ERROR that come from the noisy libraries' code."""
+
+  def filter(self, record: logging_lib.LogRecord) -> bool:
+    if record.levelno >= logging_lib.ERROR:
+      return True
+    path = record.pathname.replace(os.sep, "/")
+    return not any(f"/{name}/" in path or record.name.split(".")[0] == name
+                   for name in _NOISY_LIBRARIES)
+
+
+def quiet_library_logging() -> None:
+  """Silences the libraries' routine logging (see the module docstring); errors still show."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)  # absl INFO: Orbax and Grain log every save and read.
+  for name in _NOISY_LIBRARIES:
+    logging_lib.getLogger(name).setLevel(logging_lib.ERROR)  # Their own Python loggers.
+  # absl's logger and the root logger (a library's bare `logging.warning`) filter by source file.
+  for logger in (logging_lib.getLogger("absl"), logging_lib.getLogger()):
+    if not any(isinstance(f, _LibraryNoise) for f in logger.filters):
+      logger.addFilter(_LibraryNoise())
+
+
 def _main(argv: list[str]) -> None:
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: wikitopics {{{','.join(COMMANDS)}}} [flags]; got {argv[1:]}")
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS["verbosity"].present:
-    # Orbax and Grain log every save and read at INFO; our progress lines go to stdout.
-    logging.set_verbosity(logging.WARNING)
+  command = argv[1]
+  _check_command_flags(command)
+  for name in REQUIRED_FLAGS[command]:
+    _required(flags.FLAGS[name], command)
+  if _VERBOSE.value or flags.FLAGS["verbosity"].present:
+    # absl's INFO (or the verbosity asked for), and Orbax's records, which checkpointing drops.
+    from wikitopics_jax import checkpointing  # pylint: disable=g-import-not-at-top
+    checkpointing.show_orbax_logs(True)
+  else:
+    quiet_library_logging()
+  if _CONFIG.value is not None and command in ("train", "evaluate", "predict", "report"):
+    from wikitopics_jax import configlib  # pylint: disable=g-import-not-at-top
+    configlib.check(_CONFIG.value)  # Names that would only fail deep in the job, after data prep.
   import jax  # pylint: disable=g-import-not-at-top
   if _JAX_CACHE.value:
     jax.config.update("jax_compilation_cache_dir", _JAX_CACHE.value)
@@ -257,7 +461,7 @@ def _main(argv: list[str]) -> None:
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  _RUNNERS[argv[1]]()
+  _RUNNERS[command]()
 
 
 def main(argv: list[str]) -> None:
@@ -265,16 +469,14 @@ def main(argv: list[str]) -> None:
   from wikitopics_jax.errors import InputError  # pylint: disable=g-import-not-at-top
   try:
     _main(argv)
-  except InputError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except (InputError, app.UsageError) as e:
+    _fail(_one_line(e))
   except FloatingPointError as e:  # trainer.NonFiniteError: the message names step and quantity
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(3)
+    _fail(str(e), code=3)
 
 
 def run() -> None:
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

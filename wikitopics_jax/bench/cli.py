@@ -38,6 +38,8 @@ _MODE = flags.DEFINE_enum(
     "MFU) or 'auto' (accelerator when jax.default_backend() != 'cpu').")
 _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", True, "Include torch.compile baselines on CPU "
                                    "(slow to compile on a small CPU).")
+# The flags of `wikitopics bench` (wikitopics_jax/main.py refuses the other commands' flags there).
+FLAG_NAMES = ("suites", "tiny", "out", "markdown_out", "profile_dir", "bench_mode", "torch_compile")
 _DEFAULT_JAX_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "wikitopics_jax", "xla")
 
 
