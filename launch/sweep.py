@@ -168,15 +168,12 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
 def evaluate_on_split(prefix: Sequence[str], workdir: str, split: str, log_path: str) -> None:
   """results_<split>.json: the training job's best checkpoint on `split`, at 0.5 and tuned."""
   step = _read_json(os.path.join(workdir, RESULTS))["checkpoint_step"]
-  by_thresholds = {}
-  for thresholds in ("0.5", "saved"):
-    _run(prefix, evaluate_command(workdir, split, thresholds, step), log_path)
-    # Both evaluations write eval/<split>_step<N>.json: read each before the next overwrites it.
-    by_thresholds[thresholds] = _read_json(os.path.join(workdir, "eval", f"{split}_step{step}.json"))
-  merged = by_thresholds["0.5"]
-  tuned = by_thresholds["saved"]
-  if str(tuned.get("thresholds_source", "")).startswith("tuned"):
-    merged["at_tuned_thresholds"] = tuned
+  # One evaluation writes each threshold rule to its own file: 0.5, and the tuned thresholds if any.
+  _run(prefix, evaluate_command(workdir, split, "saved", step), log_path)
+  merged = _read_json(os.path.join(workdir, "eval", f"{split}_step{step}_t0.5.json"))
+  tuned_path = os.path.join(workdir, "eval", f"{split}_step{step}_tuned.json")
+  if os.path.exists(tuned_path):
+    merged["at_tuned_thresholds"] = _read_json(tuned_path)
   _write_json(os.path.join(workdir, f"results_{split}.json"), merged)
 
 

@@ -95,14 +95,14 @@ def test_training_checkpoints_the_ema_and_evaluates_it_next_to_the_raw_parameter
 
   # The evaluate job gives the same EMA metrics, into files of its own beside the raw weights' ones.
   best = result["checkpoint_step"]
-  raw_path = os.path.join(workdir, "eval", f"test_step{best}.json")
+  raw_path = os.path.join(workdir, "results.json")
   with open(raw_path) as f:
     raw_before = f.read()
   evaluated = evaluate_job.evaluate(workdir, checkpoint="best", split="test", thresholds="0.5", ema=True)
   assert evaluated["macro_ap"] == pytest.approx(result["ema"]["macro_ap"], abs=1e-6)
   assert evaluated["f1"]["macro"] == pytest.approx(result["ema"]["f1"]["macro"], abs=1e-6)
   assert evaluated["weights"].startswith("EMA") and "0.6" in evaluated["weights"]
-  assert os.path.exists(os.path.join(workdir, "eval", f"test_ema_step{best}.json"))
+  assert os.path.exists(os.path.join(workdir, "eval", f"test_ema_step{best}_t0.5.json"))
   with open(raw_path) as f:
     assert f.read() == raw_before
   no_ema = tiny.get_config(data_dir)

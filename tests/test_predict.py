@@ -84,8 +84,14 @@ def test_folder_predictions_equal_the_evaluate_job_on_the_same_images(run, folde
   assert [f["file"] for f in meta["failed_files"]] == ["broken.jpg"]
   thresholds = np.array(meta["threshold_values"])
   probs = np.array([[row[f"prob_{label}"] for label in labels] for row in rows])
+  # The saved thresholds were tuned on closed labels: their predictions are closed too.
+  saved = json.load(open(os.path.join(workdir, "thresholds.json")))
+  assert meta["closed"] == saved["close_predictions"] is True
+  assert meta["threshold_rules"] == saved["rules"] and meta["thresholds"].startswith("tuned")
+  taxonomy = manifest_lib.read(ingested).taxonomy
   for row, p in zip(rows, probs):
-    assert row["predicted"] == [label for label, pj, t in zip(labels, p, thresholds) if pj >= t]
+    passed = (p >= thresholds).astype(np.uint8)
+    assert row["predicted"] == taxonomy.names(taxonomy.close(passed[None])[0])
 
   # The evaluate job on an ingested split holding the same files gives the same probabilities.
   config = evaluate_job.load_workdir_config(workdir)
@@ -115,6 +121,19 @@ def test_split_predictions_as_coherent_jsonl(run, folder_and_split, tmp_path):
         if label in line["predicted"]:
           assert parent in line["predicted"]
     assert line["true_labels"] and set(line["true_labels"]) <= set(taxonomy.labels)
+
+
+def test_a_folder_where_nothing_decodes_is_an_error_and_writes_nothing(run, tmp_path):
+  workdir, _ = run
+  folder = tmp_path / "junk"
+  folder.mkdir()
+  (folder / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+  (folder / "notes.txt").write_text("not an image")
+  out = tmp_path / "out" / "predictions.parquet"
+  with pytest.raises(InputError, match="none of its 2 files could be decoded") as error:
+    predict.predict(workdir, images_dir=str(folder), out_path=str(out))
+  assert "\n" not in str(error.value) and "a.jpg" in str(error.value)
+  assert not out.exists() and not os.path.exists(str(out) + ".tmp")
 
 
 def test_bad_requests_are_clear_errors(run, tmp_path):

@@ -32,22 +32,72 @@ def test_evaluate_all_writes_every_checkpoint_and_a_table(run):
   # On test: the report test then reuses the saved predictions of the best checkpoint.
   results = evaluate_job.evaluate(workdir, checkpoint="all", split="test")
   assert [r["checkpoint_step"] for r in results] == STEPS
+  tuned_step = _tuned_step(workdir)
   for step in STEPS:
-    for suffix in (".json", ".md", ".predictions.npz"):
+    for suffix in ("_t0.5.json", "_t0.5.md", ".predictions.npz"):
       assert os.path.exists(evaluate_job.eval_path(workdir, "test", step, suffix))
+    # Tuned thresholds belong to one checkpoint: only that one has a tuned result.
+    tuned_file = evaluate_job.eval_path(workdir, "test", step, "_tuned.json")
+    assert os.path.exists(tuned_file) == (step == tuned_step)
     saved = evaluate_job.load_predictions(workdir, "test", step)
     assert saved["probs"].shape == (48, 31)
   assert all(r["ground_truth"] == "heuristic" for r in results)
-  markdown = open(evaluate_job.eval_path(workdir, "test", 12, ".md")).read()
+  markdown = open(evaluate_job.eval_path(workdir, "test", 12, "_t0.5.md")).read()
   assert "heuristic labels" in markdown and "| macro AP |" in markdown
   table = json.load(open(os.path.join(workdir, "eval", "test_checkpoints.json")))
-  assert [row["step"] for row in table["checkpoints"]] == STEPS
+  assert [(row["step"], row["rule"]) for row in table["checkpoints"]] == sorted(
+      [(step, "t0.5") for step in STEPS] + [(tuned_step, "tuned")])
   summary = open(os.path.join(workdir, "eval", "test_checkpoints.md")).read()
-  assert summary.count("\n| ") == len(STEPS) + 1  # Header and one row per checkpoint.
+  assert summary.count("\n| ") == len(STEPS) + 2  # Header and one row per checkpoint and rule.
   # The metrics are those of the saved predictions.
   saved = evaluate_job.load_predictions(workdir, "test", 8)
   expected, _ = metrics.macro_average_precision(saved["labels"], saved["probs"])
   assert results[1]["macro_ap"] == pytest.approx(expected)
+
+
+def _tuned_step(workdir):
+  with open(os.path.join(workdir, "thresholds.json")) as f:
+    return json.load(f)["meta"]["checkpoint_step"]
+
+
+def test_evaluate_writes_each_rule_to_its_own_file_and_never_training_results(run, capsys):
+  workdir, _ = run
+  results_path = os.path.join(workdir, "results.json")
+  with open(results_path, "rb") as f:
+    training_bytes = f.read()
+  training = json.loads(training_bytes)
+  step = training["checkpoint_step"]
+  assert step == _tuned_step(workdir)
+  result = evaluate_job.evaluate(workdir, checkpoint=step, split="test")
+  printed = capsys.readouterr().out
+  at_half = json.load(open(evaluate_job.eval_path(workdir, "test", step, "_t0.5.json")))
+  tuned = json.load(open(evaluate_job.eval_path(workdir, "test", step, "_tuned.json")))
+  # Each file holds one rule, and the same rule gives training's numbers: the printouts agree.
+  assert at_half["thresholds_source"] == "0.5" and tuned["thresholds_source"].startswith("tuned")
+  for ours, theirs in ((at_half, training), (tuned, training["at_tuned_thresholds"])):
+    for key in ("precision", "recall", "f1"):
+      for average in ("macro", "micro"):
+        assert ours[key][average] == pytest.approx(theirs[key][average], abs=1e-6)
+    assert ours["labels_per_image"]["predicted"] == pytest.approx(theirs["labels_per_image"]["predicted"])
+  assert result["f1"] == at_half["f1"] and result["at_tuned_thresholds"]["f1"] == tuned["f1"]
+  # The tuned rule says per label how its threshold was chosen, and adds ancestors (closed labels).
+  assert [row["threshold_rule"] for row in tuned["per_label"]] == \
+      json.load(open(os.path.join(workdir, "thresholds.json")))["rules"]
+  assert tuned["hierarchy_violation_rate"] == 0
+  markdown = open(evaluate_job.eval_path(workdir, "test", step, "_tuned.md")).read()
+  assert "threshold rule" in markdown and "ancestors" in markdown
+  assert "thresholds 0.5 (" in printed and "thresholds tuned (" in printed
+  assert "per-label rules:" in printed and "threshold 0.5 -> tuned" in printed
+  # Another rule gets another file; nothing else changes.
+  before = {name: open(os.path.join(workdir, "eval", name), "rb").read()
+            for name in os.listdir(os.path.join(workdir, "eval")) if f"_step{step}_" in name}
+  evaluate_job.evaluate(workdir, checkpoint=step, split="test", thresholds="0.3")
+  assert json.load(open(evaluate_job.eval_path(workdir, "test", step, "_t0.3.json")))["thresholds_source"] \
+      == "0.3"
+  for name, content in before.items():
+    assert open(os.path.join(workdir, "eval", name), "rb").read() == content, name
+  with open(results_path, "rb") as f:
+    assert f.read() == training_bytes
 
 
 def test_watch_evaluates_each_checkpoint_once_and_stops_when_training_is_done(run, tmp_path):
@@ -114,7 +164,8 @@ def test_report_has_every_figure_linked_from_index(run):
              for root, _, files in os.walk(out_dir) for f in files} - {"index.html"}
   assert written <= links
   assert any(link.startswith("thumbs/") for link in links)  # The likely-missing-labels table.
-  for table in ("threshold 0.5", "tuned thresholds", "macro AP", "Likely missing labels"):
+  for table in ("threshold 0.5", "tuned thresholds", "macro AP", "Likely missing labels", "threshold rule",
+                "per-label rules:"):
     assert table in page
   assert "heuristic labels" in page
   # Rebuilt in place: the new report replaces the old one, no staging folder is left behind.
@@ -157,5 +208,5 @@ def test_labels_a_human_split_cannot_judge_are_left_out_of_every_metric(run, tmp
       skm.f1_score(y, predicted, average="micro", zero_division=0), abs=1e-9)
   assert result["precision"]["macro"] == pytest.approx(
       skm.precision_score(y, predicted, average="macro", zero_division=0), abs=1e-9)
-  markdown = open(evaluate_job.eval_path(workdir_copy, "test", 12, ".md")).read()
+  markdown = open(evaluate_job.eval_path(workdir_copy, "test", 12, "_t0.5.md")).read()
   assert "cannot judge (left out) | Politics, Belief" in markdown

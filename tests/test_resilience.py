@@ -298,3 +298,20 @@ def test_a_corrupt_latest_checkpoint_is_skipped_and_training_resumes_from_the_pr
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert len(glob.glob(os.path.join(workdir, "checkpoints.corrupt", "*"))) == 2
   _assert_same_state(_final_arrays(workdir), _final_arrays(reference))
+
+
+def test_evaluate_latest_skips_a_corrupt_checkpoint_and_names_the_step_it_used(
+    tmp_path, data_dir, reference, capsys):
+  from wikitopics_jax import evaluate_job  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "evaluate_corrupt")
+  shutil.copytree(reference, workdir)
+  _damage_arrays(workdir, 8)
+  capsys.readouterr()
+  result = evaluate_job.evaluate(workdir, checkpoint="latest", split="test", thresholds="0.5")
+  out = capsys.readouterr().out
+  assert result["checkpoint_step"] == 7
+  assert "skipping checkpoint step 8: checkpoint step 8 in" in out and "is unreadable" in out
+  assert "checkpoint 'latest': step 7" in out
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "8"))  # a reader moves nothing
+  with pytest.raises(checkpointing.CorruptCheckpointError, match=r"^checkpoint step 8 in \S+ is unreadable"):
+    evaluate_job.evaluate(workdir, checkpoint="8", split="test", thresholds="0.5")

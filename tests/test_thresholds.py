@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from wikitopics_jax import evaluation
 from wikitopics_jax import metrics
+from wikitopics_jax import taxonomy as taxonomy_lib
 from wikitopics_jax import thresholds
 from wikitopics_jax.errors import InputError
 
@@ -198,3 +200,138 @@ def test_load_rejects_missing_and_malformed_files(tmp_path):
     thresholds.load_thresholds(bad, LABELS)
   with pytest.raises(ValueError, match="NaN"):
     thresholds.save_thresholds(tmp_path / "n.json", [0.1, np.nan, 0.3], LABELS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Guarded thresholds: the rule of each label, and applying them with the hierarchy.
+
+
+def _rare_label_case(num_images: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Three labels: common and well separated; 6 positives the model scores low; 100 positives scored
+  like 300 negatives, above all others (the F1 optimum takes all 400: F1 0.4, four times the positives)."""
+  rng = np.random.default_rng(seed)
+  y = np.zeros((num_images, 3), np.int64)
+  y[:, 0] = rng.random(num_images) < 0.3
+  y[rng.choice(num_images, 6, replace=False), 1] = 1
+  y[rng.choice(num_images, 100, replace=False), 2] = 1
+  scores = np.empty(y.shape)
+  scores[:, 0] = rng.random(num_images) * 0.5 + 0.45 * y[:, 0]
+  scores[:, 1] = np.where(y[:, 1] == 1, rng.random(num_images) * 0.01, rng.random(num_images) * 0.3)
+  confusable = y[:, 2] == 1
+  confusable[rng.choice(np.flatnonzero(~confusable), 300, replace=False)] = True
+  scores[:, 2] = np.where(confusable, 0.1 + 0.1 * rng.random(num_images), 0.09 * rng.random(num_images))
+  return y, scores
+
+
+def test_guard_gives_rare_labels_the_default_and_caps_thresholds_that_predict_too_often():
+  y, scores = _rare_label_case()
+  guarded = thresholds.guarded_bootstrap_thresholds(y, scores, seed=3)
+  median = guarded.bootstrap.thresholds
+  # Unguarded, the rare label's threshold is one of its positives' scores (< 0.01): it would be
+  # predicted for almost every image; so would the weak label at its F1 optimum.
+  assert median[1] < 0.01 and np.mean(scores[:, 1] >= median[1]) > 0.9
+  assert np.sum(scores[:, 2] >= median[2]) > 2 * y[:, 2].sum()
+  assert guarded.rules == (thresholds.TUNED, thresholds.DEFAULT, thresholds.CAPPED)
+  np.testing.assert_array_equal(guarded.positives, [y[:, 0].sum(), 6, 100])
+  assert guarded.thresholds[0] == median[0]
+  assert guarded.thresholds[1] == thresholds.DEFAULT_FALLBACK
+  assert guarded.thresholds[2] > median[2]
+  predicted = (scores >= guarded.thresholds).sum(axis=0)
+  np.testing.assert_array_equal(guarded.predicted, predicted)
+  assert predicted[2] <= 2 * 100
+  # The cap is the lowest score that respects it: one distinct score lower predicts too many.
+  lower = scores[:, 2][scores[:, 2] < guarded.thresholds[2]].max()
+  assert np.sum(scores[:, 2] >= lower) > 200
+  # The bound on labels per image: no tuned or capped label predicted beyond twice its positives.
+  guarded_columns = np.array([rule != thresholds.DEFAULT for rule in guarded.rules])
+  assert np.all(predicted[guarded_columns] <= 2 * guarded.positives[guarded_columns])
+  # Looser guards leave the median alone.
+  loose = thresholds.guarded_bootstrap_thresholds(y, scores, seed=3, min_positives=1,
+                                                  max_predicted_ratio=1e6)
+  assert loose.rules == (thresholds.TUNED,) * 3
+  np.testing.assert_array_equal(loose.thresholds, median)
+  with pytest.raises(ValueError, match="max_predicted_ratio"):
+    thresholds.guarded_bootstrap_thresholds(y, scores, max_predicted_ratio=0.5)
+
+
+@pytest.mark.parametrize("decimals", [None, 1, 2])
+def test_capped_threshold_is_the_lowest_score_predicting_at_most_the_cap(decimals):
+  rng = np.random.default_rng(7)
+  column = rng.random(300)
+  if decimals is not None:
+    column = np.round(column, decimals)  # ties
+  for cap in (0, 1, 5, 37, 299, 300, 1000):
+    ours = thresholds._lowest_capped_threshold(column, cap)
+    allowed = [t for t in np.unique(column) if np.sum(column >= t) <= cap]
+    if cap >= column.size:
+      assert ours == -np.inf
+    elif allowed:
+      assert ours == min(allowed)
+    else:
+      assert ours == np.inf  # more than `cap` images tie at the top score
+
+
+def test_closing_predictions_adds_ancestors_and_leaves_no_violation():
+  tax = taxonomy_lib.load("v1.3")
+  rng = np.random.default_rng(0)
+  probs = rng.random((400, tax.num_labels))
+  thresholds_per_label = rng.uniform(0.3, 0.9, tax.num_labels)
+  plain = thresholds.apply_thresholds(probs, thresholds_per_label)
+  closed = thresholds.apply_thresholds(probs, thresholds_per_label, tax.ancestor_matrix)
+  assert metrics.hierarchy_violation_rate(plain, tax.ancestor_matrix) > 0.5
+  assert metrics.hierarchy_violation_rate(closed, tax.ancestor_matrix) == 0
+  np.testing.assert_array_equal(closed, tax.close(plain.astype(np.uint8)).astype(bool))
+  assert np.all(closed >= plain)
+
+
+def test_summarize_with_closure_scores_the_closed_predictions():
+  tax = taxonomy_lib.load("v1.3")
+  rng = np.random.default_rng(1)
+  labels = tax.close((rng.random((300, tax.num_labels)) < 0.1).astype(np.uint8))
+  probs = np.clip(rng.random(labels.shape) * 0.7 + 0.3 * labels, 0, 1).astype(np.float32)
+  t = rng.uniform(0.3, 0.9, tax.num_labels)
+  predictions = {"labels": labels, "probs": probs, "loss": np.zeros(300, np.float32)}
+  rules = [thresholds.TUNED] * (tax.num_labels - 1) + [thresholds.DEFAULT]
+  common = dict(label_names=tax.labels, thresholds=t, ancestor_matrix=tax.ancestor_matrix)
+  plain = evaluation.summarize(predictions, **common)
+  closed = evaluation.summarize(predictions, close=True, rules=rules, **common)
+  y_pred = tax.close((probs >= t).astype(np.uint8))
+  assert closed["hierarchy_violation_rate"] == 0 < plain["hierarchy_violation_rate"]
+  assert closed["f1"]["micro"] == pytest.approx(skm.f1_score(labels, y_pred, average="micro"))
+  assert closed["recall"]["macro"] == pytest.approx(
+      skm.recall_score(labels, y_pred, average="macro", zero_division=0))
+  assert closed["labels_per_image"]["predicted"] == pytest.approx(y_pred.sum(1).mean())
+  per_label_f1 = skm.f1_score(labels, y_pred, average=None, zero_division=0)
+  np.testing.assert_allclose([row["f1"] for row in closed["per_label"]], per_label_f1)
+  assert [row["predicted"] for row in closed["per_label"]] == y_pred.sum(0).tolist()
+  # Ranking metrics and thresholds do not depend on the rule.
+  assert closed["macro_ap"] == plain["macro_ap"]
+  assert [row["threshold"] for row in closed["per_label"]] == [row["threshold"] for row in plain["per_label"]]
+  assert closed["per_label"][-1]["threshold_rule"] == thresholds.DEFAULT
+  assert closed["threshold_rules"][thresholds.DEFAULT] == [tax.labels[-1]]
+  assert "ancestors" in closed["threshold_rule"]
+
+
+def test_rules_and_closure_round_trip_and_the_file_is_world_readable(tmp_path):
+  path = tmp_path / "thresholds.json"
+  old_umask = os.umask(0o022)
+  try:
+    thresholds.save_thresholds(path, [0.2, 0.5, np.inf], LABELS,
+                               rules=[thresholds.TUNED, thresholds.DEFAULT, thresholds.CAPPED],
+                               close_predictions=True, meta={"split": "threshold"})
+  finally:
+    os.umask(old_umask)
+  # Like every other output (mkstemp would have made it 0600).
+  assert os.stat(path).st_mode & 0o777 == 0o644
+  saved = thresholds.read_thresholds(path, LABELS[::-1])
+  np.testing.assert_array_equal(saved.thresholds, [np.inf, 0.5, 0.2])
+  assert saved.rules == (thresholds.CAPPED, thresholds.DEFAULT, thresholds.TUNED)
+  assert saved.close_predictions and saved.meta == {"split": "threshold"}
+  assert os.listdir(tmp_path) == ["thresholds.json"]
+  # Files without rules (written before them) still load, unclosed.
+  path.write_text(json.dumps({"labels": LABELS, "thresholds": [0.1, 0.2, 0.3]}))
+  saved = thresholds.read_thresholds(path, LABELS)
+  assert saved.rules is None and not saved.close_predictions
+  path.write_text(json.dumps({"labels": LABELS, "thresholds": [0.1, 0.2, 0.3], "rules": ["tuned"]}))
+  with pytest.raises(InputError, match="'rules'"):
+    thresholds.read_thresholds(path, LABELS)

@@ -24,6 +24,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -61,8 +62,21 @@ class _DropOrbaxRecords(logging.Filter):
 _DROP_ORBAX = _DropOrbaxRecords()
 
 
+_default_unraisablehook = sys.unraisablehook
+
+
+def _quiet_unraisablehook(unraisable) -> None:
+  # After a failed read, TensorStore completes futures of Orbax's already-closed event loop: noise
+  # about a failure that was raised (and reported in one line) already.
+  if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
+      unraisable.exc_value):
+    return
+  _default_unraisablehook(unraisable)
+
+
 def show_orbax_logs(show: bool) -> None:
   """Routes Orbax's log records (they go through absl's logger) to the output, or drops them."""
+  sys.unraisablehook = _default_unraisablehook if show else _quiet_unraisablehook
   for handler_owner in (logging.getLogger("absl"), logging.getLogger("asyncio")):
     if show:
       handler_owner.removeFilter(_DROP_ORBAX)

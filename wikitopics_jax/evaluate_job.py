@@ -3,25 +3,30 @@
 Which checkpoints: "best", "latest", a step number, or "all" (every checkpoint on disk, in step order).
 `watch` runs next to a training job, as a second process, and evaluates each checkpoint as it appears.
 
-Per checkpoint, in `<workdir>/eval/`:
-  <split>_step<N>.json              metrics (`metrics.evaluate_predictions`) plus where they came from
-  <split>_step<N>.md                the same as markdown tables
+Per checkpoint, in `<workdir>/eval/`, one pair of files per threshold rule:
+  <split>_step<N>_<rule>.json       metrics (`metrics.evaluate_predictions`) plus where they came from
+  <split>_step<N>_<rule>.md         the same as markdown tables
   <split>_step<N>.predictions.npz   probs (N, L) float32, labels (N, L) uint8, loss (N,) per example in
                                     the split's stored order; `report` reads them instead of rerunning
-and, over all checkpoints evaluated on a split, <split>_checkpoints.{json,md}: one row per step.
+and, over all checkpoints evaluated on a split, <split>_checkpoints.{json,md}: one row per step and rule.
+<rule> is "t0.5" (or "t<value>" for --thresholds=<value>), "tuned" (the saved thresholds.json of that
+checkpoint) or "file-<name>" (--thresholds=<file>). The default, --thresholds=saved, writes both t0.5
+and, when thresholds were tuned for the checkpoint, tuned: the same rule always lands in the same
+file, so no evaluation replaces another rule's numbers. The training job's own summary is
+<workdir>/results.json, which this job never writes.
 
 Ground truth: a split whose name contains "human", or that the dataset manifest lists in
 `info["human_labelled_splits"]`, is scored against human annotations; any other split against the
-heuristic labels, which are noisy (they reach only ~0.46 macro-F1 against human annotations,
-thesis_facts.md section 2). Every result says which in `ground_truth`, and the titles say it too, so the
+heuristic labels, which are noisy (they reach only ~0.46 macro-F1 against the 1,087 human
+annotations in the thesis code's evaluation). Every result says which in `ground_truth`, and the titles say it too, so the
 two are never read as one number.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
-import logging
 import math
 import os
 import re
@@ -58,27 +63,85 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise InputError(f"{path}: missing; is {workdir!r} a training workdir?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.load(f))
+  retired = sorted(k for k in _RETIRED_LOSS_KEYS if k in config.get("loss", {}))
+  if retired:
+    if config.loss.get("name") == "distribution_balanced":
+      raise InputError(f"{path}: trained with the earlier distribution_balanced parameters {retired}, "
+                       "which the loss no longer has; give --config with today's keys (docs/losses.md)")
+    with config.unlocked():
+      for key in retired:  # defaults of a loss this run did not use
+        del config.loss[key]
+  return config
 
 
-def resolve_thresholds(workdir: str, which: str | None, label_names, step: int):
+# Loss keys that earlier versions wrote into every config.json (docs/losses.md).
+_RETIRED_LOSS_KEYS = ("db_kappa", "db_lambda")
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdRule:
+  """One way of turning probabilities into labels, as evaluate, predict and report apply it."""
+  tag: str                                # in file names: "t0.5", "tuned", "file-<name>"
+  values: float | np.ndarray              # one threshold, or one per label
+  source: str                             # where they come from, for results and printouts
+  rules: tuple[str, ...] | None = None    # per label, how its threshold was chosen (thresholds.json)
+  close: bool = False                     # add every predicted label's ancestors
+
+  def describe(self) -> str:
+    """The source, the per-label rules counted, and the closure: one printable phrase."""
+    parts = [self.source]
+    if self.rules is not None:
+      parts.append("per-label rules: " + thresholds_lib.count_rules(self.rules))
+    if self.close:
+      parts.append("ancestors of predicted labels added")
+    return "; ".join(parts)
+
+
+def _file_rule(path: str, label_names, tag: str, source: str) -> ThresholdRule:
+  saved = thresholds_lib.read_thresholds(path, label_names)
+  return ThresholdRule(tag, saved.thresholds, source, saved.rules, saved.close_predictions)
+
+
+def resolve_thresholds(workdir: str, which: str | None, label_names, step: int) -> ThresholdRule:
   """None/"saved": the tuned thresholds saved for this checkpoint, else 0.5; a number; or a file."""
   if which in (None, "", "saved"):
     path = os.path.join(workdir, trainer.THRESHOLDS_FILE)
     if not os.path.exists(path):
-      return 0.5, "0.5 (no tuned thresholds saved)"
+      return ThresholdRule("t0.5", 0.5, "0.5 (no tuned thresholds saved)")
     with open(path) as f:
       saved_step = json.load(f).get("meta", {}).get("checkpoint_step")
     if saved_step != step:
-      return 0.5, f"0.5 (saved thresholds belong to step {saved_step}, not {step})"
-    return thresholds_lib.load_thresholds(path, label_names), f"tuned ({path})"
+      return ThresholdRule("t0.5", 0.5, f"0.5 (saved thresholds belong to step {saved_step}, not {step})")
+    return _file_rule(path, label_names, "tuned", f"tuned ({path})")
   try:
     value = float(which)
   except ValueError:
-    return thresholds_lib.load_thresholds(which, label_names), f"from {which}"
+    return _file_rule(which, label_names, _rule_tag(which), f"from {which}")
   if not 0.0 < value < 1.0:
     raise InputError(f"--thresholds={which}: a single threshold must be in (0, 1)")
-  return value, str(value)
+  return ThresholdRule(_rule_tag(which), value, str(value))
+
+
+def threshold_rules(workdir: str, which: str | None, label_names, step: int) -> list[ThresholdRule]:
+  """The rules `evaluate` reports: "saved" gives 0.5 and, if tuned for this step, the tuned ones."""
+  if which not in (None, "", "saved"):
+    return [resolve_thresholds(workdir, which, label_names, step)]
+  saved = resolve_thresholds(workdir, which, label_names, step)
+  if saved.tag == "t0.5":
+    return [saved]
+  return [ThresholdRule("t0.5", 0.5, "0.5"), saved]
+
+
+def _rule_tag(which: str | None) -> str:
+  """The file-name part of a --thresholds value; "saved" files its first rule, 0.5, as "t0.5"."""
+  if which in (None, "", "saved"):
+    return "t0.5"
+  try:
+    return f"t{float(which):g}"
+  except ValueError:
+    stem = os.path.splitext(os.path.basename(which))[0]
+    return "file-" + (re.sub(r"[^A-Za-z0-9.-]+", "-", stem).strip("-") or "thresholds")
 
 
 def ground_truth_kind(split: str, manifest: manifest_lib.Manifest) -> str:
@@ -112,20 +175,8 @@ def save_predictions(path: str, predictions: dict[str, np.ndarray]) -> None:
   os.replace(tmp, path)
 
 
-class _ReadOnlyNotices(logging.Filter):
-  """Drops Orbax's two warnings about every read-only CheckpointManager (a watcher opens one per poll)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    message = record.getMessage()
-    return not (message.startswith("CheckpointManagerOptions.read_only=True")
-                or message.startswith("Given directory is read only"))
-
-
 def open_checkpoints(workdir: str, config: ml_collections.ConfigDict) -> checkpointing.Checkpointer:
   """A read-only Checkpointer of <workdir>/checkpoints, as the training job configured it."""
-  absl_logger = logging.getLogger("absl")
-  if not any(isinstance(f, _ReadOnlyNotices) for f in absl_logger.filters):
-    absl_logger.addFilter(_ReadOnlyNotices())
   return checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True,
                                     best_metric=config.checkpoint.best_metric,
                                     best_mode=config.checkpoint.best_mode)
@@ -154,6 +205,7 @@ class RestoredModel:
                        f"one has ema.decay = {self.config.get('ema', {}).get('decay', 0.0)}")
     self.eval_step = steps_lib.make_eval_step(self.task, state_sharding=self.placement.state,
                                               batch_sharding=self.placement.batch, use_ema=ema)
+    self._restored = None  # (step, state) that resolve_step("latest") restored to verify it
 
   @property
   def label_names(self) -> tuple[str, ...]:
@@ -173,14 +225,25 @@ class RestoredModel:
       ckpt.close()
 
   def resolve_step(self, which: str | int) -> int:
+    """"best", "latest" or a step -> a step. "latest" is the newest checkpoint that restores and
+    verifies: corrupt newer ones are reported in one line each and skipped (never moved: read-only)."""
     ckpt = self.checkpointer()
     try:
-      return ckpt.resolve_step(which)
+      step = ckpt.resolve_step(which)
+      if which != "latest":
+        return step
+      step, state = ckpt.restore_newest(self.restore, log=_log)
+      self._restored = (step, state)
+      _log(f"checkpoint 'latest': step {step}")
+      return step
     finally:
       ckpt.close()
 
   def restore(self, step: int) -> Any:
     """The state of checkpoint `step` on the mesh; CheckpointVanished if it was deleted meanwhile."""
+    if self._restored is not None and self._restored[0] == step:
+      state, self._restored = self._restored[1], None  # verified by resolve_step a moment ago
+      return state
     ckpt = self.checkpointer()
     try:
       trainer.check_taxonomy(ckpt.restore_meta(step), self.manifest,
@@ -228,30 +291,71 @@ class Evaluator:
                                     hierarchical=config.data.hierarchical, mesh=self.model.mesh)
 
   def evaluate(self, step: int) -> dict[str, Any]:
-    """Metrics of checkpoint `step`; writes eval/<split>_step<step>.{json,md,predictions.npz}."""
+    """Metrics of checkpoint `step`, one result per threshold rule (`threshold_rules`).
+
+    Writes eval/<split>_step<step>.predictions.npz and eval/<split>_step<step>_<rule>.{json,md}.
+    Returns the first rule's result; with "saved" thresholds tuned for this step, that is threshold
+    0.5's, and the tuned result is under "at_tuned_thresholds" (as in the training job's results.json).
+    """
     predictions = self.predictions(step)
     label_names = self.model.label_names
-    threshold_values, threshold_source = resolve_thresholds(self.workdir, self.thresholds, label_names,
-                                                            step)
-    result = evaluation.summarize(
-        predictions, label_names=label_names, thresholds=threshold_values,
-        train_frequencies=self.train_frequencies,
-        ancestor_matrix=self.model.manifest.taxonomy.ancestor_matrix,
-        excluded_labels=evaluation.labels_without_ground_truth(self.model.manifest, self.split))
-    result.update(split=self.split, checkpoint_step=step, thresholds_source=threshold_source,
-                  ground_truth=self.ground_truth, data_dir=os.path.abspath(self.model.config.data.dir))
-    if self.model.ema:
-      result["weights"] = f"EMA of the parameters (decay {self.model.task.ema_decay})"
+    rules = threshold_rules(self.workdir, self.thresholds, label_names, step)
     save_predictions(eval_path(self.workdir, self.tag, step, ".predictions.npz"), predictions)
-    evaluation.write_json(eval_path(self.workdir, self.tag, step, ".json"), result)
-    _write_text(eval_path(self.workdir, self.tag, step, ".md"), markdown_report(result))
-    if jax.process_index() == 0:
-      print(f"{_title(result)}, thresholds {threshold_source}:\n{metrics_lib.format_report(result)}",
-            flush=True)
-    return result
+    results = []
+    for rule in rules:
+      result = evaluation.summarize(
+          predictions, label_names=label_names, thresholds=rule.values,
+          train_frequencies=self.train_frequencies,
+          ancestor_matrix=self.model.manifest.taxonomy.ancestor_matrix,
+          excluded_labels=evaluation.labels_without_ground_truth(self.model.manifest, self.split),
+          close=rule.close, rules=rule.rules)
+      result.update(split=self.split, checkpoint_step=step, thresholds_source=rule.source,
+                    rule_tag=rule.tag, ground_truth=self.ground_truth,
+                    data_dir=os.path.abspath(self.model.config.data.dir))
+      if self.model.ema:
+        result["weights"] = f"EMA of the parameters (decay {self.model.task.ema_decay})"
+      path = eval_path(self.workdir, self.tag, step, f"_{rule.tag}.json")
+      evaluation.write_json(path, result)
+      _write_text(eval_path(self.workdir, self.tag, step, f"_{rule.tag}.md"), markdown_report(result))
+      if jax.process_index() == 0:
+        print(f"{_title(result)}, thresholds {rule.describe()} ({path}):\n"
+              f"{metrics_lib.format_report(result)}{_rules_note(result)}", flush=True)
+      results.append(result)
+    if len(results) > 1 and jax.process_index() == 0:
+      print(_comparison(results[0], results[1]), flush=True)
+    main = dict(results[0])
+    if len(results) > 1:
+      main["at_tuned_thresholds"] = results[1]
+    return main
 
   def is_evaluated(self, step: int) -> bool:
-    return os.path.exists(eval_path(self.workdir, self.tag, step, ".json"))
+    return os.path.exists(eval_path(self.workdir, self.tag, step, f"_{_rule_tag(self.thresholds)}.json"))
+
+
+def _rules_note(result: dict[str, Any]) -> str:
+  """The labels whose threshold is not their tuned one, by rule; "" without per-label rules."""
+  rules = result.get("threshold_rules")
+  if not rules:
+    return ""
+  lines = ["Threshold rules: " + ", ".join(f"{rule} {len(names)}" for rule, names in rules.items())]
+  thresholds = {row["name"]: row["threshold"] for row in result["per_label"]}
+  for rule, names in rules.items():
+    if rule != thresholds_lib.TUNED and names:
+      lines.append(f"  {rule}: " + ", ".join(f"{name} ({_md_value(thresholds.get(name), 3)})"
+                                             for name in names))
+  return "\n".join(lines) + "\n"
+
+
+def _comparison(at_half: dict[str, Any], tuned: dict[str, Any]) -> str:
+  """One line per headline number, threshold 0.5 against the tuned rule."""
+  rate = evaluation.violation_rate_text
+  return (f"Split {at_half['split']!r}, step {at_half['checkpoint_step']}: threshold 0.5 -> tuned: macro F1 "
+          f"{_md_value(at_half['f1']['macro'])} -> {_md_value(tuned['f1']['macro'])}, micro F1 "
+          f"{_md_value(at_half['f1']['micro'])} -> {_md_value(tuned['f1']['micro'])}, labels per image "
+          f"{_md_value(at_half['labels_per_image']['predicted'], 3)} -> "
+          f"{_md_value(tuned['labels_per_image']['predicted'], 3)} (truth "
+          f"{_md_value(at_half['labels_per_image']['true'], 3)}), hierarchy violations {rate(at_half)} -> "
+          f"{rate(tuned)}")
 
 
 def evaluate(workdir: str, *, checkpoint: str | int = "best", split: str = "test",
@@ -259,6 +363,7 @@ def evaluate(workdir: str, *, checkpoint: str | int = "best", split: str = "test
              thresholds: str | None = None, ema: bool = False) -> dict[str, Any] | list[dict[str, Any]]:
   """Evaluates one checkpoint ("best", "latest", a step) -> its result; or "all" -> a list of results.
 
+  Each threshold rule goes to its own eval/<split>_step<N>_<rule>.{json,md} (module docstring).
   With "all", every checkpoint on disk is evaluated in step order (also ones evaluated before) and
   eval/<split>_checkpoints.{json,md} table them. `ema` evaluates the checkpoint's EMA of the
   parameters (config.ema.decay > 0) instead of the raw ones, into eval/<split>_ema_step<N>.* files.
@@ -281,11 +386,12 @@ def watch(workdir: str, *, split: str = "test", poll_seconds: float = 60.0,
           sleep: Callable[[float], None] = time.sleep) -> list[dict[str, Any]]:
   """Evaluates each checkpoint of a (running) training job once, as it appears, in step order.
 
-  Run it as a second process next to `train`. Checkpoints that already have eval/<split>_step<N>.json
-  are skipped, so a restarted watcher resumes where it stopped. It returns after the pass in which it
-  found the training job's results.json (written when training is done), or once `timeout` seconds
-  have passed (None: no limit). A checkpoint that the training job deletes (config.checkpoint.keep_latest)
-  before the watcher reaches it is reported and skipped: keep more checkpoints to evaluate them all.
+  Run it as a second process next to `train`. Checkpoints that already have the first rule's
+  eval/<split>_step<N>_<rule>.json are skipped, so a restarted watcher resumes where it stopped. It
+  returns after the pass in which it found the training job's results.json (written when training is
+  done), or once `timeout` seconds have passed (None: no limit). A checkpoint that the training job
+  deletes (config.checkpoint.keep_latest) before the watcher reaches it is reported and skipped: keep
+  more checkpoints to evaluate them all.
 
   Returns:
     The results of the checkpoints evaluated by this call, in step order.
@@ -371,6 +477,7 @@ def markdown_report(result: dict[str, Any]) -> str:
       ["images", result["num_images"]],
       ["ground truth", GROUND_TRUTH_DESCRIPTIONS.get(result.get("ground_truth"), "unknown")],
       ["thresholds", result.get("thresholds_source", "n/a")],
+      ["prediction rule", result["threshold_rule"]],
       ["macro AP", result["macro_ap"]],
       ["random baseline (macro AP)", result["random_baseline_ap"]],
       ["macro AP / baseline", result["macro_ap_over_baseline"]],
@@ -384,6 +491,9 @@ def markdown_report(result: dict[str, Any]) -> str:
   ]
   if "hierarchy_violation_rate" in result:
     summary.append(["images violating the hierarchy", result["hierarchy_violation_rate"]])
+  if result.get("threshold_rules"):
+    summary.append(["per-label threshold rules",
+                    ", ".join(f"{rule} {len(names)}" for rule, names in result["threshold_rules"].items())])
   if result["labels_without_positives"]:
     summary.append(["labels without positives (excluded from macro AP)",
                     ", ".join(result["labels_without_positives"])])
@@ -397,8 +507,10 @@ def markdown_report(result: dict[str, Any]) -> str:
     summary.append(["labels the ground truth cannot judge (left out)",
                     ", ".join(result["labels_not_evaluated"])])
   per_label = sorted(result["per_label"], key=metrics_lib.per_label_order)
+  with_rules = bool(result.get("threshold_rules"))
   label_rows = [[row["name"], row["support"], row["predicted"], row["ap"], row["baseline_ap"],
-                 row["precision"], row["recall"], row["f1"], row["threshold"]] for row in per_label]
+                 row["precision"], row["recall"], row["f1"], row["threshold"],
+                 *([row.get("threshold_rule")] if with_rules else [])] for row in per_label]
   return "\n\n".join([
       f"# {_title(result)}",
       _md_table(["metric", "value"], summary),
@@ -406,36 +518,39 @@ def markdown_report(result: dict[str, Any]) -> str:
       _md_table(["labels", "precision", "recall", "F1"], prf_rows),
       f"Groups by {groups['source']}; top-{top_k}: {', '.join(groups['top']['labels'])}.",
       "## Per label",
-      _md_table(["label", "support", "predicted", "AP", "baseline AP", "P", "R", "F1", "threshold"],
-                label_rows),
+      _md_table(["label", "support", "predicted", "AP", "baseline AP", "P", "R", "F1", "threshold",
+                 *(["threshold rule"] if with_rules else [])], label_rows),
   ]) + "\n"
 
 
 def write_checkpoint_table(workdir: str, split: str) -> str:
-  """eval/<split>_checkpoints.{json,md}: one row per evaluated checkpoint of `split`; returns the .md."""
-  pattern = re.compile(re.escape(split) + r"_step(\d+)\.json$")
+  """eval/<split>_checkpoints.{json,md}: one row per evaluated checkpoint and rule; returns the .md."""
+  pattern = re.compile(re.escape(split) + r"_step(\d+)_(.+)\.json")
   rows = []
-  for path in glob.glob(os.path.join(glob.escape(workdir), "eval", f"{glob.escape(split)}_step*.json")):
-    match = pattern.search(os.path.basename(path))
+  for path in glob.glob(os.path.join(glob.escape(workdir), "eval", f"{glob.escape(split)}_step*_*.json")):
+    match = pattern.fullmatch(os.path.basename(path))
     if not match:
       continue
     with open(path) as f:
       result = json.load(f)
-    rows.append({"step": int(match.group(1)), "macro_ap": result.get("macro_ap"),
+    rows.append({"step": int(match.group(1)), "rule": match.group(2), "macro_ap": result.get("macro_ap"),
                  "micro_ap": result.get("micro_ap"), "macro_f1": result.get("f1", {}).get("macro"),
                  "micro_f1": result.get("f1", {}).get("micro"), "loss": result.get("loss"),
+                 "labels_per_image": result.get("labels_per_image", {}).get("predicted"),
                  "thresholds": result.get("thresholds_source", "0.5"),
                  "ground_truth": result.get("ground_truth", HEURISTIC)})
-  rows.sort(key=lambda row: row["step"])
+  # Threshold 0.5 first within a step.
+  rows.sort(key=lambda row: (row["step"], row["rule"] != "t0.5", row["rule"]))
   best = _best_step(workdir)
   base = os.path.join(workdir, "eval", f"{split}_checkpoints")
   evaluation.write_json(base + ".json", {"split": split, "best_step": best, "checkpoints": rows})
   kinds = {row["ground_truth"] for row in rows}
   truth = " and ".join(GROUND_TRUTH_DESCRIPTIONS.get(k, k) for k in sorted(kinds))
-  table = _md_table(["step", "macro AP", "micro AP", "macro F1", "micro F1", "loss", "thresholds"],
-                    [[f"{row['step']}{' (best)' if row['step'] == best else ''}", row["macro_ap"],
-                      row["micro_ap"], row["macro_f1"], row["micro_f1"], row["loss"], row["thresholds"]]
-                     for row in rows])
+  table = _md_table(["step", "rule", "macro AP", "micro AP", "macro F1", "micro F1", "labels/image", "loss",
+                     "thresholds"],
+                    [[f"{row['step']}{' (best)' if row['step'] == best else ''}", row["rule"],
+                      row["macro_ap"], row["micro_ap"], row["macro_f1"], row["micro_f1"],
+                      row["labels_per_image"], row["loss"], row["thresholds"]] for row in rows])
   _write_text(base + ".md", f"# Split {split!r}, every evaluated checkpoint, against {truth}\n\n{table}\n")
   return base + ".md"
 

@@ -14,7 +14,14 @@ from jax.experimental import multihost_utils
 from wikitopics_jax import metrics as metrics_lib
 from wikitopics_jax import pipeline
 from wikitopics_jax import sharding as sharding_lib
+from wikitopics_jax import thresholds as thresholds_lib
 from wikitopics_jax.errors import InputError
+
+# What a closed rule's predictions change in a `metrics.evaluate_predictions` result; the rest
+# (AP, ROC-AUC, ...) depends on the probabilities alone.
+_PREDICTION_KEYS = ("precision", "recall", "f1", "labels_per_image", "hierarchy_violation_rate")
+_PER_LABEL_PREDICTION_KEYS = ("predicted", "precision", "recall", "f1")
+CLOSED_RULE = "prob >= threshold, then every predicted label's ancestors added"
 
 
 def predict_split(eval_step, state, *, data_dir: str, split: str, batch_size: int, hierarchical: bool,
@@ -45,22 +52,34 @@ def predict_split(eval_step, state, *, data_dir: str, split: str, batch_size: in
 
 def summarize(predictions: dict[str, np.ndarray], *, label_names, thresholds=0.5,
               train_frequencies=None, ancestor_matrix=None,
-              excluded_labels: Sequence[str] = ()) -> dict[str, Any]:
+              excluded_labels: Sequence[str] = (), close: bool = False,
+              rules: Sequence[str] | None = None) -> dict[str, Any]:
   """Metrics of a split's predictions (metrics.evaluate_predictions), plus the mean loss.
 
   excluded_labels: labels the ground truth cannot judge (the human annotations never asked about
   Politics and Belief: unknown, not negative). Their columns are left out of every metric, the
   hierarchy check included; `labels_not_evaluated` lists them.
+  close: predictions are `thresholds_lib.apply_thresholds` with the hierarchy (every predicted label's
+  ancestors added; needs ancestor_matrix), as thresholds tuned on hierarchical labels are applied.
+  rules: per label, how its threshold was chosen (thresholds.json "rules"): each per-label row gets
+  "threshold_rule", and the result "threshold_rules" counts them.
   """
   label_names = predictions_label_names = list(label_names)
   unknown = sorted(set(excluded_labels) - set(label_names))
   if unknown:
     raise InputError(f"labels to leave out of the evaluation {unknown} are not model labels; valid: "
                      f"{label_names}")
+  if close and ancestor_matrix is None:
+    raise ValueError("close=True needs the ancestor matrix")
+  if rules is not None and len(rules) != len(label_names):
+    raise ValueError(f"{len(rules)} threshold rules for {len(label_names)} labels")
   keep = np.array([name not in set(excluded_labels) for name in label_names])
   labels, probs = predictions["labels"], predictions["probs"]
+  # Closed over the whole hierarchy before any column is left out.
+  closed = (thresholds_lib.apply_thresholds(probs, thresholds, ancestor_matrix) if close else None)
   if not keep.all():
     labels, probs = labels[:, keep], probs[:, keep]
+    closed = None if closed is None else closed[:, keep]
     label_names = [n for n, k in zip(label_names, keep) if k]
     if np.ndim(thresholds):
       thresholds = np.asarray(thresholds)[keep]
@@ -71,6 +90,14 @@ def summarize(predictions: dict[str, np.ndarray], *, label_names, thresholds=0.5
   result = metrics_lib.evaluate_predictions(
       labels, probs, label_names=label_names, thresholds=thresholds,
       train_frequencies=train_frequencies, ancestor_matrix=ancestor_matrix)
+  if closed is not None:
+    # evaluate_predictions thresholds probabilities itself; given the closed 0/1 predictions as
+    # scores and threshold 0.5, its thresholded metrics are those of the closed predictions.
+    hard = metrics_lib.evaluate_predictions(
+        labels, closed.astype(np.float32), label_names=label_names, thresholds=0.5,
+        train_frequencies=train_frequencies, ancestor_matrix=ancestor_matrix)
+    _take_predictions(result, hard)
+    result["threshold_rule"] = CLOSED_RULE
   if not keep.all():
     # Per-label rows stay aligned with the model's labels: the excluded ones say so.
     evaluated = iter(result["per_label"])
@@ -80,6 +107,11 @@ def summarize(predictions: dict[str, np.ndarray], *, label_names, thresholds=0.5
          "baseline_ap": None, "pr_auc_trapezoid": None, "roc_auc": None, "precision": None,
          "recall": None, "f1": None, "threshold": None}
         for name, k in zip(predictions_label_names, keep)]
+  if rules is not None:
+    for row, rule in zip(result["per_label"], rules):
+      row["threshold_rule"] = rule
+    result["threshold_rules"] = {rule: [name for name, r in zip(predictions_label_names, rules) if r == rule]
+                                 for rule in dict.fromkeys(rules)}
   result["labels_not_evaluated"] = list(excluded_labels)
   # The model's loss, over all its labels.
   result["loss"] = float(np.mean(predictions["loss"]))
@@ -87,11 +119,30 @@ def summarize(predictions: dict[str, np.ndarray], *, label_names, thresholds=0.5
   return result
 
 
+def _take_predictions(result: dict[str, Any], hard: dict[str, Any]) -> None:
+  """Copies the prediction-dependent metrics of `hard` into `result` (same labels, same images)."""
+  for key in _PREDICTION_KEYS:
+    if key in hard:
+      result[key] = hard[key]
+  for group in ("top", "rest"):
+    for key in ("precision", "recall", "f1"):
+      result["groups"][group][key] = hard["groups"][group][key]
+  for row, hard_row in zip(result["per_label"], hard["per_label"]):
+    for key in _PER_LABEL_PREDICTION_KEYS:
+      row[key] = hard_row[key]
+
+
 def labels_without_ground_truth(manifest, split: str) -> list[str]:
   """The labels a human-labelled split cannot judge (manifest info.labels_not_annotated)."""
   if split not in (manifest.info.get("human_labelled_splits") or ()):
     return []
   return list(manifest.info.get("labels_not_annotated") or ())
+
+
+def violation_rate_text(result: dict[str, Any]) -> str:
+  """A result's hierarchy-violation rate as printed ("0.25%"), "n/a" without a hierarchy."""
+  rate = result.get("hierarchy_violation_rate")
+  return "n/a" if rate is None else f"{100 * rate:.2f}%"
 
 
 def write_json(path: str, data: dict[str, Any]) -> None:

@@ -52,8 +52,9 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "'best', 'latest', a ste
 _SPLIT = flags.DEFINE_string("split", None, "Dataset split (evaluate/report: default test; stats: "
                              "default train).")
 _THRESHOLDS = flags.DEFINE_string(
-    "thresholds", "saved", "'saved' (tuned thresholds of this checkpoint, else 0.5), a number in "
-    "(0, 1), or a thresholds JSON file.")
+    "thresholds", "saved", "'saved' (evaluate: 0.5 and, if tuned for the checkpoint, the tuned "
+    "thresholds, each into its own eval file; predict: tuned, else 0.5), a number in (0, 1), or a "
+    "thresholds JSON file.")
 _EMA = flags.DEFINE_bool("ema", False, "evaluate/predict: the checkpoint's EMA of the parameters (a run "
                          "with config.ema.decay > 0); evaluate writes eval/<split>_ema_step<N>.*")
 _WATCH = flags.DEFINE_bool("watch", False, "evaluate: evaluate each new checkpoint as training writes it.")
@@ -95,6 +96,9 @@ _USER_AGENT = flags.DEFINE_string("user_agent", None, "fetch: descriptive User-A
 _MAX_WORKERS = flags.DEFINE_integer("max_workers", 4, "fetch: concurrent downloads.")
 _RATE = flags.DEFINE_float("requests_per_second", None, "fetch: request rate limit (default: only "
                            "--max_workers bounds it).")
+_DEADLINE = flags.DEFINE_float("deadline_s", 120.0, "fetch: most seconds one download may take in "
+                               "all (redirects, headers, body); slower ones are retried next run.")
+_MAX_BYTES = flags.DEFINE_integer("max_bytes", 50 << 20, "fetch: larger downloads are failures.")
 _RESAMPLING = flags.DEFINE_string(
     "resampling", None, "stats: also the statistics after resampling with this method (see "
     "resampling.py), optionally with its keep/extra fraction as METHOD:FRACTION, and Figure 4.1.")
@@ -126,7 +130,7 @@ COMMAND_FLAGS = {
                "image_size", "splits", "image_encoding", "resize", "num_workers", "extensions",
                "mime_types", "keep_unlabelled", "human_annotations", "geology_and_fossils"),
     "fetch": ("out", "width", "user_agent", "labels", "wit_tsv", "extensions", "max_workers",
-              "requests_per_second"),
+              "requests_per_second", "deadline_s", "max_bytes"),
     "stats": ("data_dir", "split", "out", "resampling"),
     "bench": bench_cli.FLAG_NAMES,
 }
@@ -246,7 +250,8 @@ def _fetch():
                                 user_agent=_required(_USER_AGENT, "fetch"),
                                 labels=_files(_LABELS.value), wit_tsv=_files(_WIT_TSV.value),
                                 extensions=_EXTENSIONS.value or (), max_workers=_MAX_WORKERS.value,
-                                requests_per_second=_RATE.value)
+                                requests_per_second=_RATE.value, deadline_s=_DEADLINE.value,
+                                max_bytes=_MAX_BYTES.value)
   print(report)
 
 

@@ -15,11 +15,14 @@ Output (process 0 writes it, atomically: a temporary file renamed into place): o
   id            path relative to the folder, or the record's id
   path | url    the file's absolute path, or the record's URL (None if it has none)
   prob_<label>  the probability of each label, one float32 column per label in taxonomy order
-  predicted     the predicted label names: prob >= threshold (saved tuned thresholds by default)
+  predicted     the predicted label names: prob >= threshold (saved tuned thresholds by default; those
+                tuned on hierarchical labels also add every predicted label's ancestors, as evaluate
+                scores them)
   true_labels   (dataset splits only) the record's labels (closed if the model trained on closed ones)
 as Parquet (pyarrow), or JSON lines with `jsonl=True` ({"id", "path"|"url", "probabilities": {label: p},
 "predicted": [...]}). The Parquet schema metadata ("wikitopics", JSON) holds the checkpoint, the
-thresholds and the unreadable files.
+thresholds with each label's rule (thresholds.json "rules"), whether predictions were closed, and the
+unreadable files.
 
 coherent=True makes predictions respect the taxonomy: probabilities pass through C-HMCNN's max
 constraint (`hierarchy.make_coherent`: a parent scores at least as high as each child; these are the
@@ -27,7 +30,8 @@ probabilities written), then the thresholds apply, then every predicted label's 
 (per-class thresholds could otherwise drop a parent whose child passed).
 
 A file that cannot be decoded (not an image, truncated, too large) is counted and reported by name
-with its reason, in the result and the metadata; it never stops the run.
+with its reason, in the result and the metadata; it never stops the run. A folder where no file
+decodes is an InputError, and nothing is written.
 Batches run sharded over all devices of the mesh, padded to a fixed size like evaluation batches.
 """
 
@@ -52,9 +56,9 @@ from wikitopics_jax import evaluation
 from wikitopics_jax import hierarchy
 from wikitopics_jax import image_decoding
 from wikitopics_jax import manifest as manifest_lib
-from wikitopics_jax import metrics as metrics_lib
 from wikitopics_jax import records
 from wikitopics_jax import sharding as sharding_lib
+from wikitopics_jax import thresholds as thresholds_lib
 from wikitopics_jax import trainer
 from wikitopics_jax.errors import InputError
 
@@ -97,6 +101,7 @@ class PredictionRun:
   checkpoint_step: int
   thresholds_source: str
   coherent: bool
+  closed: bool = False                # every predicted label's ancestors added
 
 
 def predict(workdir: str, *, out_path: str, images_dir: str | None = None, data_dir: str | None = None,
@@ -141,24 +146,32 @@ def predict(workdir: str, *, out_path: str, images_dir: str | None = None, data_
     settings = image_decoding.DecodeSettings(size=model.manifest.image_shape[0],
                                              resize=resize or ingested_with.get("resize", "squash"))
     probs, rows, failed = _predict_folder(model, state, images_dir, files, batch_size, settings)
+    if not rows:
+      name, reason = failed[0]
+      raise InputError(f"{images_dir}: none of its {len(files)} files could be decoded as an image "
+                       f"(first: {name}: {reason}); nothing written")
     source = os.path.abspath(images_dir)
   else:
     probs, rows, truth = _predict_split(model, state, data_dir, split, batch_size)
     source = f"{os.path.abspath(data_dir)}:{split}"
-  threshold_values, threshold_source = evaluate_job.resolve_thresholds(
-      model.workdir, thresholds, model.label_names, step)
-  probs, predicted = label_predictions(probs, threshold_values, model.manifest.taxonomy, coherent=coherent)
+  rule = evaluate_job.resolve_thresholds(model.workdir, thresholds, model.label_names, step)
+  closed = coherent or rule.close
+  probs, predicted = label_predictions(probs, rule.values, model.manifest.taxonomy, coherent=coherent,
+                                       close=rule.close)
   run = PredictionRun(out_path=os.path.abspath(out_path), num_images=len(rows), failed=failed,
-                      checkpoint_step=step, thresholds_source=threshold_source, coherent=coherent)
+                      checkpoint_step=step, thresholds_source=rule.source, coherent=coherent,
+                      closed=closed)
   if jax.process_index() != 0:
     return run
   label_names = model.label_names
-  per_label = np.broadcast_to(np.asarray(threshold_values, np.float64), (len(label_names),))
+  per_label = np.broadcast_to(np.asarray(rule.values, np.float64), (len(label_names),))
   metadata = {"workdir": model.workdir, "checkpoint_step": step, "source": source,
-              "thresholds": threshold_source,
+              "thresholds": rule.source,
               # +inf ("never predict") as None: the metadata stays strict JSON.
               "threshold_values": [float(t) if math.isfinite(t) else None for t in per_label],
-              "coherent": coherent, "labels": list(label_names), "image_size": model.manifest.image_shape[0],
+              "threshold_rules": None if rule.rules is None else list(rule.rules),
+              "coherent": coherent, "closed": closed, "labels": list(label_names),
+              "image_size": model.manifest.image_shape[0],
               "weights": "ema" if ema else "raw",
               "failed_files": [{"file": name, "reason": reason} for name, reason in failed]}
   names = [[label_names[j] for j in np.flatnonzero(row)] for row in predicted]
@@ -166,22 +179,24 @@ def predict(workdir: str, *, out_path: str, images_dir: str | None = None, data_
   writer = _write_jsonl if jsonl else _write_parquet
   writer(run.out_path, rows, probs, names, truth_names, label_names, metadata)
   print(f"{run.out_path}: {run.num_images} images, checkpoint step {step}, thresholds "
-        f"{threshold_source}{', coherent' if coherent else ''}", flush=True)
+        f"{rule.describe()}{', coherent' if coherent else ''}", flush=True)
   if failed:
     print(f"{len(failed)} unreadable files skipped:\n" +
           "\n".join(f"  {name}: {reason}" for name, reason in failed), flush=True)
   return run
 
 
-def label_predictions(probs: np.ndarray, thresholds, taxonomy, *, coherent: bool
+def label_predictions(probs: np.ndarray, thresholds, taxonomy, *, coherent: bool, close: bool = False
                       ) -> tuple[np.ndarray, np.ndarray]:
-  """(probabilities to report, predicted (N, L) bool): thresholded, or coherent (module docstring)."""
+  """(probabilities to report, predicted (N, L) bool): thresholded, or coherent (module docstring).
+
+  close: add every predicted label's ancestors (thresholds.json's close_predictions); coherent does too.
+  """
   if coherent:
     probs = np.asarray(hierarchy.make_coherent(probs, taxonomy.ancestor_matrix), np.float32)
-  predicted = metrics_lib.predict_labels(probs, thresholds)
-  if coherent:
-    # Per-class thresholds can drop a parent whose child passed.
-    predicted = taxonomy.close(predicted.astype(np.uint8)).astype(bool)
+  # Per-class thresholds can drop a parent whose child passed.
+  predicted = thresholds_lib.apply_thresholds(probs, thresholds,
+                                              taxonomy.ancestor_matrix if coherent or close else None)
   return probs, predicted
 
 

@@ -442,6 +442,10 @@ def converted_weights(variant: str) -> dict[str, np.ndarray]:
   try:
     with os.fdopen(fd, "wb") as f:
       np.savez(f, **arrays)
+    # mkstemp creates 0600; the cache gets the permissions of every other output (umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, cached)
   except BaseException:
     os.unlink(tmp)

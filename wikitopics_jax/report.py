@@ -6,9 +6,10 @@ opened from the file system, no server needed. It is built in a temporary folder
 and renamed into place, so a reader never sees half a report.
 
 Contents (thesis figure numbers in brackets; `metrics.evaluate_predictions` defines every number):
-  metrics tables at threshold 0.5 and at the tuned per-class thresholds, overall and per label;
+  metrics tables at threshold 0.5 and at the tuned per-class thresholds, overall and per label, with
+  each label's threshold rule (tuned, capped or default: `thresholds.guarded_bootstrap_thresholds`);
   training curves: train loss, validation loss and validation macro AP [4.5, 4.6];
-  per-class thresholds of every bootstrap subset and their median [4.2];
+  per-class thresholds of every bootstrap subset, their median and the threshold used [4.2];
   probability histograms of positives and negatives with the thresholds [4.3];
   F1 per class before and after threshold moving [4.4];
   predicted label distribution next to the ground truth's [5.1];
@@ -81,25 +82,35 @@ def _predictions(workdir: str, split: str, step: int, num_examples: int,
   return evaluate_job.load_predictions(workdir, split, step)
 
 
-def _tuned_thresholds(workdir: str, label_names: Sequence[str], step: int
-                      ) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, Any]]:
-  """(thresholds, per-subset thresholds (S, L) with NaN, meta) if thresholds.json is this step's."""
+class _Tuned:
+  """thresholds.json of the reported checkpoint: values, per-label rules, per-subset optima, meta."""
+
+  def __init__(self, saved: thresholds_lib.ThresholdFile, per_subset: np.ndarray | None):
+    self.thresholds = saved.thresholds
+    self.rules = saved.rules
+    self.close = saved.close_predictions
+    self.meta = saved.meta
+    self.per_subset = per_subset
+
+
+def _tuned_thresholds(workdir: str, label_names: Sequence[str], step: int) -> tuple[_Tuned | None, dict]:
+  """(the tuned thresholds, meta) if thresholds.json is this step's; else (None, its meta or {})."""
   path = os.path.join(workdir, trainer.THRESHOLDS_FILE)
   if not os.path.exists(path):
-    return None, None, {}
+    return None, {}
   with open(path) as f:
     document = json.load(f)
   meta = document.get("meta", {})
   if meta.get("checkpoint_step") != step:
-    return None, None, meta
-  tuned = thresholds_lib.load_thresholds(path, label_names)
+    return None, meta
+  saved = thresholds_lib.read_thresholds(path, label_names)
   per_subset = None
   if meta.get("per_subset"):
-    # The file is in its own label order; reorder by name like load_thresholds.
+    # The file is in its own label order; reorder by name like read_thresholds.
     order = [document["labels"].index(name) for name in label_names]
     table = np.array([[np.nan if v is None else v for v in row] for row in meta["per_subset"]], np.float64)
     per_subset = table[:, order]
-  return tuned, per_subset, meta
+  return _Tuned(saved, per_subset), meta
 
 
 def read_training_metrics(workdir: str) -> dict[str, dict[int, float]]:
@@ -291,18 +302,37 @@ def plot_f1_threshold_moving(f1_default: np.ndarray, f1_tuned: np.ndarray, names
   return _save(fig, path)
 
 
+_RULE_COLOURS = {thresholds_lib.TUNED: "tab:blue", thresholds_lib.CAPPED: "tab:orange",
+                 thresholds_lib.DEFAULT: "tab:grey"}
+
+
 def plot_bootstrap_thresholds(per_subset: np.ndarray, thresholds: np.ndarray, names: Sequence[str],
-                              path: str) -> str:
-  """[4.2] The F1-optimal threshold of each bootstrap subset (dots) and their median (bar)."""
+                              path: str, rules: Sequence[str] | None = None) -> str:
+  """[4.2] The F1-optimal threshold of each bootstrap subset (dots), their median (a dash where it is
+  not the threshold used) and the threshold used (bar, coloured by its rule)."""
   fig = Figure(figsize=(max(8.0, 0.38 * len(names) + 2), 5))
   ax = fig.subplots()
   x = np.arange(len(names))
-  ax.bar(x, thresholds, 0.6, color="tab:blue", alpha=0.35, label="chosen threshold (median)")
+  if rules is None:
+    ax.bar(x, thresholds, 0.6, color="tab:blue", alpha=0.35, label="chosen threshold (median)")
+  else:
+    for rule, colour in _RULE_COLOURS.items():
+      chosen = np.array([r == rule for r in rules])
+      if chosen.any():
+        ax.bar(x[chosen], np.minimum(thresholds[chosen], 1.0), 0.6, color=colour, alpha=0.35,
+               label=f"threshold used: {rule}")
   rng = np.random.default_rng(0)  # Jitter only, so that equal values stay visible.
   for k, row in enumerate(per_subset):
     shown = ~np.isnan(row)
     ax.scatter(x[shown] + rng.uniform(-0.2, 0.2, shown.sum()), row[shown], s=12, color="black",
                alpha=0.7, label="one subset" if k == 0 else None)
+  if rules is not None:
+    has_median = ~np.all(np.isnan(per_subset), axis=0)
+    median = np.full(len(names), np.nan)
+    median[has_median] = np.nanmedian(per_subset[:, has_median], axis=0)
+    differs = has_median & (median != thresholds)
+    ax.scatter(x[differs], median[differs], marker="_", s=250, color="crimson",
+               label="median, not used")
   ax.set_xticks(x, list(names), rotation=75, ha="right", fontsize=8)
   ax.set_ylabel("threshold")
   ax.set_ylim(0, 1)
@@ -479,7 +509,7 @@ def _summary_tables(results: dict[str, dict[str, Any]]) -> str:
 
 
 def _per_label_table(results: dict[str, dict[str, Any]], order: Sequence[int],
-                     train_counts: np.ndarray | None) -> str:
+                     train_counts: np.ndarray | None, threshold_rules: Sequence[str] | None = None) -> str:
   rules = list(results)
   per_label = {rule: result["per_label"] for rule, result in results.items()}
   first = per_label[rules[0]]
@@ -487,6 +517,8 @@ def _per_label_table(results: dict[str, dict[str, Any]], order: Sequence[int],
   for rule in rules:
     header += [f"P ({rule})", f"R ({rule})", f"F1 ({rule})"]
   header.append("tuned threshold" if len(rules) > 1 else "threshold")
+  if threshold_rules is not None:
+    header.append("threshold rule")
   rows = []
   for j in order:
     row = first[j]
@@ -498,6 +530,8 @@ def _per_label_table(results: dict[str, dict[str, Any]], order: Sequence[int],
       r = per_label[rule][j]
       cells += [r["precision"], r["recall"], r["f1"]]
     cells.append(per_label[rules[-1]][j]["threshold"])
+    if threshold_rules is not None:
+      cells.append(threshold_rules[j])
     rows.append(cells)
   return _table(header, rows)
 
@@ -582,7 +616,10 @@ class _ReportBuilder:
     train = manifest.splits.get(config.data.train_split)
     self.train_counts = None if train is None else train.positives(hierarchical)
     self.ground_truth = evaluate_job.ground_truth_kind(split, manifest)
-    self.tuned, self.per_subset, self.threshold_meta = _tuned_thresholds(workdir, self.names, step)
+    tuned, self.threshold_meta = _tuned_thresholds(workdir, self.names, step)
+    self.tuned_rule = tuned
+    self.tuned = None if tuned is None else tuned.thresholds
+    self.per_subset = None if tuned is None else tuned.per_subset
     # Display order: most frequent label first (by training counts, else by this split's).
     frequency = self.train_counts if self.train_counts is not None else self.labels.sum(axis=0)
     self.order = list(np.lexsort((np.arange(len(self.names)), -np.asarray(frequency))))
@@ -604,9 +641,17 @@ class _ReportBuilder:
                   ancestor_matrix=self.taxonomy.ancestor_matrix,
                   excluded_labels=evaluation.labels_without_ground_truth(self.manifest, self.split))
     results = {"threshold 0.5": evaluation.summarize(self.predictions, thresholds=0.5, **common)}
-    if self.tuned is not None:
-      results["tuned thresholds"] = evaluation.summarize(self.predictions, thresholds=self.tuned, **common)
+    if self.tuned_rule is not None:
+      results["tuned thresholds"] = evaluation.summarize(
+          self.predictions, thresholds=self.tuned, close=self.tuned_rule.close,
+          rules=self.tuned_rule.rules, **common)
     return results
+
+  def _predicted(self, thresholds) -> np.ndarray:
+    """(N, L) bool predictions of a rule: closed under the hierarchy for tuned thresholds that say so."""
+    close = (self.tuned_rule is not None and self.tuned_rule.close and thresholds is self.tuned)
+    return thresholds_lib.apply_thresholds(self.probs, thresholds,
+                                           self.taxonomy.ancestor_matrix if close else None)
 
   def build(self) -> None:
     results = self._results()
@@ -625,11 +670,15 @@ class _ReportBuilder:
         "Training curves: train loss (every logged step), validation loss and validation macro AP per "
         "evaluation (thesis Figures 4.5, 4.6). The dotted line marks the reported checkpoint.")
     if tuned is not None and self.per_subset is not None:
+      rules = (None if self.tuned_rule.rules is None else
+               [self.tuned_rule.rules[j] for j in self.order])
       add("bootstrap", plot_bootstrap_thresholds(self._ordered(self.per_subset), tuned, names,
-                                                 self._figure_path("bootstrap_thresholds.png")),
+                                                 self._figure_path("bootstrap_thresholds.png"), rules),
           f"Per-label thresholds: the F1-optimal threshold on each of {self.per_subset.shape[0]} bootstrap "
-          f"subsets of split {self.threshold_meta.get('split')!r} (dots) and their median, the threshold "
-          "used (bars) (thesis Figure 4.2).")
+          f"subsets of split {self.threshold_meta.get('split')!r} (dots) and the threshold used (bars, "
+          "coloured by rule: their median if tuned; raised if the median predicted the label too often "
+          "(capped); 0.5 if too few positives (default)); a red dash marks a median not used (thesis "
+          "Figure 4.2).")
     add("histograms", plot_probability_histograms(y, p, names, tuned,
                                                   self._figure_path("probability_histograms.png")),
         "Probabilities given to ground-truth positives (blue) and negatives (orange), with threshold 0.5 "
@@ -645,7 +694,7 @@ class _ReportBuilder:
           "F1 per label at threshold 0.5 and at the tuned per-label thresholds (thesis Figure 4.4).")
     predicted = {"predicted (0.5)": metrics_lib.predict_labels(p, 0.5)}
     if tuned is not None:
-      predicted["predicted (tuned)"] = metrics_lib.predict_labels(p, tuned)
+      predicted["predicted (tuned)"] = self._ordered(self._predicted(self.tuned))
     add("distribution", plot_label_distribution(y, predicted, names,
                                                 self._figure_path("predicted_label_distribution.png")),
         "Share of images per label in the ground truth and in the predictions (thesis Figure 5.1).")
@@ -662,6 +711,20 @@ class _ReportBuilder:
     html_text = self._html(results, figures, grids, missing_table)
     with open(os.path.join(self.out_dir, "index.html"), "w", encoding="utf-8") as f:
       f.write(html_text)
+
+  def _rules_html(self) -> str:
+    """What each per-label threshold rule means, from thresholds.json; "" without rules."""
+    if self.tuned_rule is None or self.tuned_rule.rules is None:
+      return ""
+    descriptions = self.threshold_meta.get("rule_descriptions") or {}
+    rows = []
+    for rule in thresholds_lib.RULES:
+      labels = [self.names[j] for j in self.order if self.tuned_rule.rules[j] == rule]
+      if labels:
+        rows.append([rule, descriptions.get(rule, ""), len(labels), ", ".join(labels)])
+    return ("<p>Each label's tuned threshold follows one rule (thresholds.json, per label); the "
+            "per-label table shows it.</p>"
+            + _table(["rule", "meaning", "labels", "which"], rows, name_columns=4))
 
   def _split_ap_per_checkpoint(self) -> dict[int, float]:
     path = os.path.join(self.workdir, "eval", f"{self.split}_checkpoints.json")
@@ -698,8 +761,8 @@ class _ReportBuilder:
     return relative
 
   def _missing_labels_table(self, thresholds) -> str:
-    """Predicted (prob >= threshold) but absent from the ground truth, most confident first."""
-    predicted = metrics_lib.predict_labels(self.probs, thresholds)
+    """Predicted (by the rule of `thresholds`) but absent from the ground truth, most confident first."""
+    predicted = self._predicted(thresholds)
     candidates = np.argwhere(predicted & ~self.labels)
     if not len(candidates):
       return "<p>No predicted label is absent from the ground truth.</p>"
@@ -729,6 +792,10 @@ class _ReportBuilder:
                        f"{html.escape(str(self.threshold_meta.get('split')))!s} (thresholds.json)"
                        if self.tuned is not None else
                        "0.5 only (no tuned thresholds saved for this checkpoint)")
+    if self.tuned_rule is not None and self.tuned_rule.rules is not None:
+      thresholds_note += "; per-label rules: " + thresholds_lib.count_rules(self.tuned_rule.rules)
+    if self.tuned_rule is not None and self.tuned_rule.close:
+      thresholds_note += "; every predicted label's ancestors added"
     model = self.config.model
     figure_html = {key: _figure(src, caption) for key, (src, caption) in figures.items()}
     grid_html = "\n".join(
@@ -754,9 +821,11 @@ class _ReportBuilder:
         "Predictions are probability &ge; threshold.</p>",
         _summary_tables(results),
         "<h3>Per label</h3>",
-        _per_label_table(results, self.order, self.train_counts),
+        _per_label_table(results, self.order, self.train_counts,
+                         None if self.tuned_rule is None else self.tuned_rule.rules),
         '<h2 id="training">Training</h2>', figure_html["training"],
         '<h2 id="thresholds">Thresholds</h2>',
+        self._rules_html(),
         *(figure_html[key] for key in ("bootstrap", "histograms", "f1") if key in figure_html),
         *([] if self.tuned is not None else
           ["<p>No tuned thresholds for this checkpoint: figures 4.2 and 4.4 are left out.</p>"]),
