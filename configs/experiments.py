@@ -33,7 +33,7 @@ Each row is the base config plus a list of pieces (functions that modify it), so
 `baseline` in exactly the keys its pieces set (tests/test_experiments.py checks this). `TABLES` lists
 the rows of each thesis table with the thesis's labels and, for orientation, its published numbers
 with their source. Those were measured on WIT with the thesis's metric (AUC(PR) = Keras's 50-threshold
-PR-AUC, not average precision; thesis_facts.md section 4): compare directions, not values.
+PR-AUC, not average precision, in the thesis code): compare directions, not values.
 
 `report_split` (a dataset split name) tells launch/sweep.py which split a row is reported on: the test
 split (results.json of the training job) or, for Table 5.1, the training split (the sweep then runs
@@ -239,7 +239,7 @@ ROWS: dict[str, Row] = {row.name: row for row in _ROW_LIST}
 METRICS = ("ap", "p_all", "r_all", "p_top", "r_top", "p_rest", "r_rest", "f1_all", "f1_top",
            "f1_rest", "micro_f1", "labels_per_image", "trainable_params")
 
-_FACTS = "thesis_facts.md section 3 (logged runs; held-out test, threshold 0.5)"
+_FACTS = "logged runs of the thesis code, epfl-dlab/wiki_image_classification (held-out test, threshold 0.5)"
 
 
 class Entry(NamedTuple):
@@ -359,7 +359,7 @@ _TABLE_LIST = (
         Entry("table4_1_chmcnn", "Hierarchical",
               thesis=_pr(0.237, 0.401, 0.132, 0.723, 0.421, 0.339, 0.076), source="thesis Table 4.6"),
     ), notes="Hierarchical data, B2 from random init. The thesis's C-HMCNN used an ancestor matrix in "
-             "the wrong label order and random weights (thesis_facts.md section 4); ours derives it "
+             "the wrong label order and random weights (in the thesis code); ours derives it "
              "from the taxonomy. Row extra_chmcnn_imagenet adds ImageNet init."),
     Table("5.1", "Predictions on the training data", "pr", (
         Entry("table5_1_training_split", "Flat",
@@ -368,8 +368,8 @@ _TABLE_LIST = (
               thesis=_pr(0.349, 0.335, 0.524, 0.601, 0.784, 0.283, 0.474), source="thesis Table 5.1"),
     ), notes="Evaluated on the training split: in-sample numbers, not a generalisation estimate. "
              "Thesis: ImageNet B2, all layers, hierarchical data; here Lite0; BCE (section 5.1 trains "
-             "'as specified in Section 3.2.1'). thesis_facts.md section 3 "
-             "quotes this run's 'best' figures as PR-AUC 0.349, macro-F1 0.269, micro-F1 0.602 "
+             "'as specified in Section 3.2.1'). The thesis code's logs give "
+             "this run's 'best' figures as PR-AUC 0.349, macro-F1 0.269, micro-F1 0.602 "
              "(the threshold is not stated there)."),
     Table("extra", "Beyond the thesis", "pr", (
         Entry("baseline", "Baseline (BCE)"),

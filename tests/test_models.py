@@ -88,7 +88,8 @@ def test_keras_total_counts_b0():
 
 
 def test_thesis_model_counts():
-  # thesis_facts.md section 2: Keras EfficientNetB2 at 64x64 + Flatten -> Dense(128) -> Dense(31):
+  # The thesis's model (thesis Figure 3.5, §3.2.1):
+  # Keras EfficientNetB2 at 64x64 + Flatten -> Dense(128) -> Dense(31):
   # 8,493,592 parameters; frozen-backbone runs trained 725,023 (the head).
   model = _abstract("efficientnet_b2", head="thesis", num_labels=31)
   assert _keras_count(model) == 8_493_592

@@ -88,7 +88,7 @@ def test_fast_heuristics_equal_the_literal_pseudo_code(seed):
 
 
 def _wit_like_labels(num_images: int, seed: int) -> np.ndarray:
-  # Flat-label rates of thesis_facts.md section 5 (per 390,000 images), at least 1e-5.
+  # Flat-label rates of WIT's 390,000-image sample (`synthetic.WIT_FLAT_COUNTS`), at least 1e-5.
   counts = [823, 7877, 10470, 3, 428, 97017, 980, 20365, 34, 1102, 2081, 51362, 1635, 938, 1016, 5427, 93,
             433, 663, 2408, 53963, 86865, 142227, 4291, 20806, 1, 121500, 565, 23966, 21296, 8918]
   rates = np.maximum(np.array(counts) / 390_000, 1e-5)

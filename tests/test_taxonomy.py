@@ -6,7 +6,7 @@ import pytest
 from wikitopics_jax import taxonomy
 from wikitopics_jax.errors import InputError
 
-# The thesis's label index order (thesis_facts.md section 1).
+# The thesis's label index order (alphabetical, as in the thesis code).
 THESIS_ORDER = [
     "Animals", "Architecture", "Art", "Belief", "Chemistry", "Culture", "Diagrams", "Events", "Food",
     "Fossils", "Geology", "History", "Landscapes", "Literature", "Logos & Symbols", "Maps & Flags",
@@ -14,7 +14,7 @@ THESIS_ORDER = [
     "Plants", "Politics", "STEM", "Society", "Space", "Sports", "Technology & Engineering",
     "Transportation"]
 
-# Hand-written from the tree in thesis_facts.md: each internal node and its descendants.
+# Hand-written from the tree of thesis Figure 3.3 (taxonomy v1.3): each internal node and its descendants.
 DESCENDANTS = {
     "STEM": ["Diagrams", "Mathematics", "Chemistry", "Geology", "Space", "Medicine & Health",
              "Technology & Engineering", "Nature", "Plants", "Animals", "Fossils"],

@@ -5,7 +5,8 @@ Giunchiglia & Lukasiewicz, "Coherent Hierarchical Multi-Label Classification Net
 The hierarchy is the matrix R of `taxonomy.Taxonomy.ancestor_matrix`: R[i, j] = 1 iff label j is label i or
 a descendant of label i (R is reflexive and transitively closed; trees and DAGs alike). Always derive it from
 the taxonomy stored in the dataset manifest: the thesis's hierarchical model was trained with a hard-coded
-matrix in another label order (thesis_facts.md, section 4.1), and `check_same_taxonomy` guards checkpoints.
+matrix in another label order (in the thesis code, epfl-dlab/wiki_image_classification), and
+`check_same_taxonomy` guards checkpoints.
 
 MCM (paper eq. 2; the reference code's `get_constr_out`)::
 

@@ -5,7 +5,7 @@ Conventions:
   floats. One column per label.
 - Average precision (AP) is scikit-learn's: the step-wise sum of (R_n - R_{n-1}) * P_n over the
   distinct score thresholds, tied scores entering together. The thesis called the *trapezoid* area
-  under the PR curve "PR-AUC" (thesis_facts.md, defect 3); `pr_auc_trapezoid` computes that one for
+  under the PR curve "PR-AUC" (in the thesis code); `pr_auc_trapezoid` computes that one for
   comparison and says so in its name. They differ: the trapezoid interpolates linearly between PR
   points, which is optimistic.
 - A label without positives in `y_true` has no defined AP, PR-AUC or ROC-AUC: it gets NaN

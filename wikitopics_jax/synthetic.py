@@ -61,7 +61,8 @@ from wikitopics_jax.errors import InputError
 # Bump whenever the same arguments would produce different bytes: it is part of the reuse check.
 GENERATOR_VERSION = 1
 
-# Per-label counts of the "flat data" in a 390,000-image sample of WIT (thesis_facts.md section 5).
+# Per-label counts of the "flat data" in a 390,000-image sample of WIT (the test set logged by the
+# thesis code, github.com/epfl-dlab/wiki_image_classification).
 WIT_SAMPLE_SIZE = 390_000
 WIT_FLAT_COUNTS = {
     "Animals": 823, "Architecture": 7877, "Art": 10470, "Belief": 3, "Chemistry": 428,

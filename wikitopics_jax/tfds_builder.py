@@ -15,7 +15,7 @@ an export.
 Builder config: one per (taxonomy version, image size), named like ``v1.3-64px``, made from the
 source manifest; the source directory is TFDS's "manual dir". The image feature is stored as PNG
 (lossless): without TensorFlow, TFDS can only store images given as encoded bytes, a path or a PIL
-image, so raw pixels are PNG-encoded on the way in (stack_notes.md).
+image, so raw pixels are PNG-encoded on the way in (NumPy images would need TensorFlow to encode).
 """
 
 from __future__ import annotations

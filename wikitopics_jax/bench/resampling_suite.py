@@ -1,6 +1,6 @@
 """Suite `resampling`: the thesis's heuristic under/oversampling on 3,000,000 x 31 labels.
 
-Labels are independent per label with WIT's flat frequencies (thesis_facts.md section 5: count / 390,000,
+Labels are independent per label with WIT's flat frequencies (`synthetic.WIT_FLAT_COUNTS`: count / 390,000,
 floored at 1e-5). Ours: `heuristic_undersample` (keep 80%) and `heuristic_oversample` (add 20%) on all
 images. Baseline: the literal pseudo-code (`literal_heuristic_*`), which takes O(N L) per step for
 O(N) steps, i.e. O(N^2); on 3M images that is days, so it is timed on a subset and extrapolated as

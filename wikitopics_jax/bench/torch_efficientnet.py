@@ -6,7 +6,7 @@ Keras's epsilon 1e-3 and momentum 0.99 (PyTorch's momentum = 1 - 0.99), TF 'SAME
 for stride 2, via an explicit pad), per-example stochastic depth, and the pooled ("gap") head. The
 parameter count equals the NNX model's, and `load_nnx_weights` copies an NNX model's weights so that
 both give the same logits (checked in tests). timm / torchvision are not used: torchvision's compiled ops
-do not match the torch build this project pins (stack_notes.md), and timm needs torchvision.
+do not match the torch build this project pins (torch 2.13.0, CPU), and timm needs torchvision.
 
 Importing this module imports torch; callers import it only when torch is installed.
 """

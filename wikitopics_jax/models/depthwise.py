@@ -3,7 +3,8 @@
 * "native": `lax.conv_general_dilated(..., feature_group_count=C)`. Fast on GPU/TPU.
 * "shifted": k*k shifted (strided) slices of the padded input, each multiplied by its per-channel
   kernel tap and summed, with a `jax.custom_vjp` whose backward pass is written the same way. XLA's
-  CPU backend runs grouped convolutions 8-40x slower than this (see stack_notes.md).
+  CPU backend runs grouped convolutions 8-40x slower than this (measured per layer on 2 CPU cores;
+  whole-model figures in docs/benchmarks.md).
 
 `impl="auto"` picks "shifted" when `jax.default_backend() == "cpu"` and "native" otherwise.
 
