@@ -21,6 +21,9 @@ with an HWC uint8 ``"image"``; other keys (labels) pass through unchanged.
 
 Geometry: one affine map about the image centre, applied by inverse mapping with bilinear
 interpolation, so zoom, rotation and shift resample the image once.
+
+Each transform's `sample` (the draws) and `apply` (the pixels) are separate methods, so the device
+version (`augment_device`) can be checked against this one with identical parameters.
 """
 
 from __future__ import annotations
@@ -119,17 +122,26 @@ class NaiveAugment(grain.transforms.RandomMap):
   shift: float = 0.1
   horizontal_flip: bool = True
 
-  def random_map(self, element, rng: np.random.Generator):
-    image = element["image"]
-    if self.horizontal_flip and rng.random() < 0.5:
-      image = image[:, ::-1]
+  def sample(self, rng: np.random.Generator) -> dict[str, Any]:
+    """Draws this image's parameters (what `apply` takes), in the order `random_map` always drew."""
+    flip = bool(self.horizontal_flip and rng.random() < 0.5)
     angle = rng.uniform(-self.rotation_deg, self.rotation_deg)
     scale = rng.uniform(1.0 - self.zoom, 1.0 + self.zoom)
     shift = (rng.uniform(-self.shift, self.shift), rng.uniform(-self.shift, self.shift))
+    return {"flip": flip, "angle": angle, "scale": scale, "shift_y": shift[0], "shift_x": shift[1]}
+
+  def apply(self, image: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+    """The augmentation with given parameters (`sample`'s keys); a float image stays unrounded."""
+    if params["flip"]:
+      image = image[:, ::-1]
+    angle, scale = float(params["angle"]), float(params["scale"])
+    shift = (float(params["shift_y"]), float(params["shift_x"]))
     if angle == 0 and scale == 1 and shift == (0.0, 0.0):
-      return _with_image(element, np.ascontiguousarray(image))
-    return _with_image(element, affine(image, rotation_deg=angle, scale=scale, shift=shift,
-                                       border="nearest"))
+      return np.ascontiguousarray(image)
+    return affine(image, rotation_deg=angle, scale=scale, shift=shift, border="nearest")
+
+  def random_map(self, element, rng: np.random.Generator):
+    return _with_image(element, self.apply(element["image"], self.sample(rng)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,26 +160,61 @@ class DuplicateAugment(grain.transforms.RandomMap):
   max_holes: int = 8
   max_hole_fraction: float = 0.125
 
-  def random_map(self, element, rng: np.random.Generator):
-    if not bool(np.asarray(element.get(self.flag_key, False))):
-      return element
-    image = element["image"]
+  def max_hole_size(self, image_shape: tuple[int, ...]) -> int:
+    return max(1, int(round(self.max_hole_fraction * min(image_shape[:2]))))
+
+  def sample(self, rng: np.random.Generator, image_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Draws a copy's parameters (what `apply` takes), in the order `random_map` always drew.
+
+    holes: (max_holes, 4) int64 rows (top, left, height, width); only the first `num_holes` count.
+    """
     # Draw every decision, applied or not, so one operation's outcome never shifts another's.
     draws = rng.random(5)
-    if draws[0] < self.p_transpose:
-      image = np.swapaxes(image, 0, 1)
-    if draws[1] < self.p_horizontal_flip:
-      image = image[:, ::-1]
-    if draws[2] < self.p_vertical_flip:
-      image = image[::-1]
     angle = rng.uniform(-self.rotate_limit_deg, self.rotate_limit_deg)
     scale = 1.0 + rng.uniform(-self.scale_limit, self.scale_limit)
     shift = (rng.uniform(-self.shift_limit, self.shift_limit),
              rng.uniform(-self.shift_limit, self.shift_limit))
-    if draws[3] < self.p_shift_scale_rotate:
-      image = affine(image, rotation_deg=angle, scale=scale, shift=shift, border="reflect")
     dropout_rng = np.random.default_rng(rng.integers(2**63))
-    if draws[4] < self.p_coarse_dropout:
-      max_size = max(1, int(round(self.max_hole_fraction * min(image.shape[:2]))))
-      image = coarse_dropout(image, dropout_rng, max_holes=self.max_holes, max_size=max_size)
-    return _with_image(element, np.ascontiguousarray(image))
+    params = {"transpose": draws[0] < self.p_transpose, "hflip": draws[1] < self.p_horizontal_flip,
+              "vflip": draws[2] < self.p_vertical_flip,
+              "shift_scale_rotate": draws[3] < self.p_shift_scale_rotate,
+              "angle": angle, "scale": scale, "shift_y": shift[0], "shift_x": shift[1],
+              "dropout": draws[4] < self.p_coarse_dropout, "num_holes": 0,
+              "holes": np.zeros((self.max_holes, 4), np.int64)}
+    if params["dropout"]:
+      # Same draws as `coarse_dropout`; a transpose swaps the sides the hole corners range over.
+      height, width = image_shape[:2]
+      if params["transpose"]:
+        height, width = width, height
+      max_size = self.max_hole_size(image_shape)
+      params["num_holes"] = int(dropout_rng.integers(1, self.max_holes + 1))
+      for k in range(params["num_holes"]):
+        hole_h = int(dropout_rng.integers(1, max_size + 1))
+        hole_w = int(dropout_rng.integers(1, max_size + 1))
+        top = int(dropout_rng.integers(0, max(1, height - hole_h + 1)))
+        left = int(dropout_rng.integers(0, max(1, width - hole_w + 1)))
+        params["holes"][k] = (top, left, hole_h, hole_w)
+    return params
+
+  def apply(self, image: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+    """The augmentation with given parameters (`sample`'s keys); a float image stays unrounded."""
+    if params["transpose"]:
+      image = np.swapaxes(image, 0, 1)
+    if params["hflip"]:
+      image = image[:, ::-1]
+    if params["vflip"]:
+      image = image[::-1]
+    if params["shift_scale_rotate"]:
+      image = affine(image, rotation_deg=float(params["angle"]), scale=float(params["scale"]),
+                     shift=(float(params["shift_y"]), float(params["shift_x"])), border="reflect")
+    if params["dropout"]:
+      image = image.copy()
+      for top, left, hole_h, hole_w in params["holes"][:int(params["num_holes"])]:
+        image[top:top + hole_h, left:left + hole_w] = 0
+    return np.ascontiguousarray(image)
+
+  def random_map(self, element, rng: np.random.Generator):
+    if not bool(np.asarray(element.get(self.flag_key, False))):
+      return element
+    image = element["image"]
+    return _with_image(element, self.apply(image, self.sample(rng, image.shape)))
