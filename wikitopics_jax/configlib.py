@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
   # augment_duplicates: the label-dependent augmentation on oversampled copies.
   c.data.augment = "none"
   c.data.augment_duplicates = False
+  # Batches made global and copied to the devices ahead of the step that uses them (>= 1; 2 = the
+  # next batch is transferred while the current step runs).
+  c.data.prefetch_to_device = 2
 
   c.model = models.default_model_config()
   c.model.name = "efficientnet_b0"
@@ -61,6 +64,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict({"num_devices": ml_collections.FieldReference(None, int)})
   c.batch_size = 512
+  # Gradient accumulation: k > 1 splits each batch of batch_size into k micro-batches run one after
+  # the other in the train step (activation memory of batch_size / k), float32 gradient sum, one
+  # update. batch_size must divide by k x the device count. Equal to the full batch up to rounding for
+  # a model without batch statistics; BatchNorm normalises each micro-batch by its own statistics
+  # and updates its running statistics once per micro-batch (steps.make_train_step).
+  c.grad_accum_steps = 1
   c.eval_batch_size = 512
   c.num_epochs = 15
   c.num_train_steps = 0               # > 0 overrides num_epochs
@@ -69,7 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Per-class thresholds tuned on data.threshold_split after training (thesis section 3.2.1):
   # num_subsets bootstrap subsets of `fraction` of the split, F1-optimal per class, median.
-  c.thresholds = ml_collections.ConfigDict({"tune": True, "num_subsets": 7, "fraction": 0.2})
+  # Guards (thresholds.py): fewer positives than min_positives keeps 0.5; a threshold that
+  # predicts a label for more than max_predicted_ratio x its positives is raised.
+  c.thresholds = ml_collections.ConfigDict({"tune": True, "num_subsets": 7, "fraction": 0.2,
+                                            "min_positives": 20, "max_predicted_ratio": 2.0})
 
   # every_steps: 0 = checkpoint at every evaluation (once per epoch by default).
   c.checkpoint = ml_collections.ConfigDict(

@@ -6,8 +6,10 @@ a sharded batch, BatchNorm statistics are computed over the global batch.
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
+import grain
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -45,6 +47,15 @@ def per_process_batch_size(global_batch_size: int, mesh: Mesh, *, key: str = "co
   return global_batch_size // jax.process_count()
 
 
+def check_grad_accum(global_batch_size: int, grad_accum_steps: int, mesh: Mesh) -> None:
+  """Each micro-batch must split evenly over the devices (steps.make_train_step's micro_batches)."""
+  num_devices = mesh.devices.size
+  if grad_accum_steps < 1 or global_batch_size % (grad_accum_steps * num_devices):
+    raise InputError(f"config.grad_accum_steps={grad_accum_steps}: config.batch_size="
+                     f"{global_batch_size} must be divisible by grad_accum_steps x the "
+                     f"{num_devices} devices of the mesh")
+
+
 def process_share() -> pipeline.ProcessShare:
   return pipeline.ProcessShare(index=jax.process_index(), count=jax.process_count())
 
@@ -73,3 +84,43 @@ def put_replicated(tree: Any, sharding: NamedSharding) -> Any:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
   return jax.tree.map(put, tree)
+
+
+class DevicePrefetch(grain.DatasetIterator):
+  """Process-local batches -> global sharded arrays, `size` of them transferred ahead.
+
+  The next batch is loaded and copied while the current step runs. `get_state()` is the
+  wrapped iterator's state after the last batch handed out, not after the last one prefetched, so
+  a checkpoint resumes at the first batch not trained on. Restore the wrapped iterator before
+  wrapping it (or call `set_state`, which drops the prefetched batches).
+  """
+
+  def __init__(self, iterator: grain.DatasetIterator, mesh: Mesh, size: int = 2):
+    super().__init__()
+    if size < 1:
+      raise InputError(f"config.data.prefetch_to_device={size} must be >= 1")
+    self._iterator = iterator
+    self._mesh = mesh
+    self._size = size
+    self._queue: collections.deque = collections.deque()  # (state after the batch, batch)
+    self._state = iterator.get_state()
+
+  def _fill(self) -> None:
+    while len(self._queue) < self._size:
+      local = next(self._iterator)
+      self._queue.append((self._iterator.get_state(), global_batch(local, self._mesh)))
+
+  def __next__(self) -> dict[str, jax.Array]:
+    # Called while the previous step still runs on the devices (dispatch is asynchronous): the host
+    # work and device copy of the newest batch overlap it, and `size - 1` batches stay queued.
+    self._fill()
+    self._state, batch = self._queue.popleft()
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return self._state
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._queue.clear()
+    self._iterator.set_state(state)
+    self._state = self._iterator.get_state()

@@ -8,35 +8,83 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from wikitopics_jax import optimizers
 from wikitopics_jax import pipeline
 
 
 def make_train_step(task, *, state_sharding, batch_sharding, replicated_sharding,
-                    skip_nonfinite: bool = False):
+                    skip_nonfinite: bool = False, grad_accum_steps: int = 1):
   """Returns jitted `(state, batch) -> (state, metrics)`; the input state's buffers are donated.
 
   metrics["finite"] says whether loss, gradient norm and updated parameters were finite. With `skip_nonfinite`, a step
   whose update is not finite leaves the state unchanged (the step counter included).
+
+  `grad_accum_steps` = k > 1: the batch is split into k micro-batches, run one after the other
+  (`lax.scan`, so activations take the memory of one micro-batch), their gradients summed in float32
+  and averaged, then one optimiser update. Micro-batch j holds rows j, j + k, ... of every device's
+  shard, so each stays spread over all devices without moving data. For a loss that is a mean over
+  examples and a model without batch statistics, this is the full batch's gradient up to rounding.
+  BatchNorm in training mode normalises each micro-batch by its own statistics, and its running
+  statistics are updated once per micro-batch (k times per step). The reported loss is the mean of
+  the micro-batch losses.
   """
   graphdef = task.train_graphdef
   objective = task.objective
   schedule = task.schedule
+  if grad_accum_steps < 1:
+    raise ValueError(f"grad_accum_steps={grad_accum_steps} must be >= 1")
+  mesh = batch_sharding.mesh
+  micro_sharding = NamedSharding(mesh, P(None, *batch_sharding.spec))
+
+  def micro_batches(x: jax.Array) -> jax.Array:
+    # (B, ...) -> (k, B / k, ...): row i goes to micro-batch i % k; a device's rows stay on it.
+    b = x.shape[0]
+    x = jnp.swapaxes(x.reshape(b // grad_accum_steps, grad_accum_steps, *x.shape[1:]), 0, 1)
+    return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+  def accumulated_value_and_grad(model, wrt, batch):
+    """Mean loss and mean gradient over the micro-batches; model variables (BatchNorm statistics,
+    RNG counts) are carried from one micro-batch to the next. Images are converted to float inside
+    the loop, one micro-batch at a time."""
+    model_graphdef, model_state = nnx.split(model)
+    trainable = nnx.state(model, wrt)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+
+    def body(carry, micro):
+      variables, grad_sum, loss_sum = carry
+      m = nnx.merge(model_graphdef, variables)
+      images = pipeline.normalize_images(micro["image"], m.input_normalization)
+      labels = micro["labels"].astype(jnp.float32)
+      loss, grads = nnx.value_and_grad(
+          lambda m: objective(m(images), labels), argnums=nnx.DiffState(0, wrt))(m)
+      grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+      return (nnx.state(m), grad_sum, loss_sum + loss.astype(jnp.float32)), None
+
+    (variables, grad_sum, loss_sum), _ = jax.lax.scan(
+        body, (model_state, zeros, jnp.zeros((), jnp.float32)),
+        {k: micro_batches(batch[k]) for k in ("image", "labels")})
+    nnx.update(model, variables)
+    grads = jax.tree.map(lambda g, p: (g / grad_accum_steps).astype(p.dtype), grad_sum, trainable)
+    return loss_sum / grad_accum_steps, grads
 
   def train_step(state: nnx.State, batch: dict[str, jax.Array]) -> tuple[nnx.State, dict[str, Any]]:
     # The input values, captured before merge: the update may mutate variables in place.
     old_leaves = jax.tree.leaves(state)
     model, optimizer = nnx.merge(graphdef, state)
-    images = pipeline.normalize_images(batch["image"], model.input_normalization)
-    labels = batch["labels"].astype(jnp.float32)
-
-    def loss_fn(model):
-      logits = model(images)
-      return objective(logits, labels)
-
     # Gradients of the trainable Params only (config.trainable_layers; frozen ones get none).
-    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt))(model)
+    if grad_accum_steps == 1:
+      images = pipeline.normalize_images(batch["image"], model.input_normalization)
+      labels = batch["labels"].astype(jnp.float32)
+
+      def loss_fn(model):
+        logits = model(images)
+        return objective(logits, labels)
+
+      loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt))(model)
+    else:
+      loss, grads = accumulated_value_and_grad(model, optimizer.wrt, batch)
     step = optimizer.step[...]
     grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)

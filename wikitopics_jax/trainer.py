@@ -91,23 +91,34 @@ def predict(config: ml_collections.ConfigDict, eval_step, state, split: str, mes
                                   hierarchical=config.data.hierarchical, mesh=mesh)
 
 
-def tune_thresholds(config, workdir, eval_step, state, mesh, label_names, step) -> np.ndarray | None:
-  """Bootstrap F1-optimal per-class thresholds on the threshold split, saved beside the checkpoints."""
+def tune_thresholds(config, workdir, eval_step, state, mesh, label_names, step
+                    ) -> thresholds_lib.GuardedThresholds | None:
+  """Per-class thresholds on the threshold split (bootstrap F1 optima with the guards of
+  `thresholds_lib.guarded_bootstrap_thresholds`), saved beside the checkpoints with each label's rule."""
   if not config.thresholds.tune or config.data.threshold_split not in manifest_lib.read(config.data.dir).splits:
     return None
   predictions = predict(config, eval_step, state, config.data.threshold_split, mesh)
-  tuned = thresholds_lib.bootstrap_thresholds(predictions["labels"], predictions["probs"],
-                                              num_subsets=config.thresholds.num_subsets,
-                                              fraction=config.thresholds.fraction, seed=config.seed)
+  tuned = thresholds_lib.guarded_bootstrap_thresholds(
+      predictions["labels"], predictions["probs"], num_subsets=config.thresholds.num_subsets,
+      fraction=config.thresholds.fraction, seed=config.seed,
+      min_positives=config.thresholds.get("min_positives", thresholds_lib.DEFAULT_MIN_POSITIVES),
+      max_predicted_ratio=config.thresholds.get("max_predicted_ratio",
+                                                thresholds_lib.DEFAULT_MAX_PREDICTED_RATIO))
   if jax.process_index() == 0:
+    def nullable(values):  # NaN = the label had no positives in that subset.
+      return [None if math.isnan(v) else float(v) for v in values]
     thresholds_lib.save_thresholds(
-        os.path.join(workdir, THRESHOLDS_FILE), tuned.thresholds, label_names,
+        os.path.join(workdir, THRESHOLDS_FILE), tuned.thresholds, label_names, rules=tuned.rules,
+        # Closed labels are the ground truth: predictions are closed the same way.
+        close_predictions=bool(config.data.hierarchical),
         meta={"checkpoint_step": int(step), "split": config.data.threshold_split,
               "num_subsets": config.thresholds.num_subsets, "fraction": config.thresholds.fraction,
-              # NaN = the label had no positives in that subset.
-              "per_subset": [[None if math.isnan(v) else float(v) for v in row]
-                             for row in tuned.per_subset]})
-  return tuned.thresholds
+              "min_positives": tuned.min_positives, "max_predicted_ratio": tuned.max_predicted_ratio,
+              "fallback": tuned.fallback, "rule_descriptions": tuned.rule_descriptions(),
+              "num_images": int(predictions["labels"].shape[0]), "positives": tuned.positives,
+              "predicted": tuned.predicted, "bootstrap_median": tuned.bootstrap.thresholds,
+              "per_subset": [nullable(row) for row in tuned.bootstrap.per_subset]})
+  return tuned
 
 
 def resample_training_set(config: ml_collections.ConfigDict) -> resampling.Resampled | None:
@@ -146,24 +157,32 @@ class NonFiniteError(FloatingPointError):
 
 
 class _Preemption:
-  """SIGTERM (what TPU and cluster schedulers send) -> save at the next step and exit 0."""
+  """SIGTERM (what TPU and cluster schedulers send) -> save at the next step and exit 0.
+
+  One process: a Python SIGTERM handler sets a flag. Several processes (`jax.distributed`): the
+  coordination service's preemption sync manager, which `jax.distributed.initialize` starts with its
+  own SIGTERM handler, agrees on a step at which every process stops, whichever got the signal; it
+  talks to the coordinator in the background, so a step costs no collective and no device fetch.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
-    if threading.current_thread() is threading.main_thread():
+    self._distributed = jax.process_count() > 1
+    # Installing a Python handler under jax.distributed would replace the sync manager's.
+    if not self._distributed and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
 
-  def should_stop(self) -> bool:
-    if jax.process_count() == 1:
+  def should_stop(self, step: int) -> bool:
+    """Called once at every step, by every process, with the same steps in the same order."""
+    if not self._distributed:
       return self.requested
-    # Every process must stop at the same step, whichever of them got the signal.
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+    return multihost_utils.reached_preemption_sync_point(step)
 
   def close(self) -> None:
     if self._previous is not None:
@@ -254,6 +273,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train_info = manifest.split(config.data.train_split, where=config.data.dir)
   mesh = sharding_lib.make_mesh(config.mesh.get("num_devices"))
   per_process_batch = sharding_lib.per_process_batch_size(config.batch_size, mesh)
+  grad_accum_steps = int(config.get("grad_accum_steps", 1))
+  sharding_lib.check_grad_accum(config.batch_size, grad_accum_steps, mesh)
   resampled = resample_training_set(config)
   num_train_examples = train_info.num_examples if resampled is None else len(resampled.indices)
   steps_per_epoch = num_train_examples // config.batch_size
@@ -271,7 +292,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train_step = steps_lib.make_train_step(task, state_sharding=placement.state,
                                          batch_sharding=placement.batch,
                                          replicated_sharding=placement.replicated,
-                                         skip_nonfinite=config.nan_policy == "skip")
+                                         skip_nonfinite=config.nan_policy == "skip",
+                                         grad_accum_steps=grad_accum_steps)
   eval_step = steps_lib.make_eval_step(task, state_sharding=placement.state,
                                        batch_sharding=placement.batch)
   ema_eval_step = (steps_lib.make_eval_step(task, state_sharding=placement.state,
@@ -294,10 +316,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # Resume order: this workdir's latest checkpoint, else config.init_from, else the model's own
   # initialisation (pretrained or random, config.init).
   start_step = 0
-  latest = ckpt.latest_step()
-  if latest is not None:
-    check_taxonomy(ckpt.restore_meta(latest), manifest, where=f"{workdir} step {latest}")
-    state = restore_state(ckpt, latest, task, placement, data_iterator=train_iter)
+  if ckpt.latest_step() is not None:
+    def resume(step):
+      check_taxonomy(ckpt.restore_meta(step), manifest, where=f"{workdir} step {step}")
+      return restore_state(ckpt, step, task, placement, data_iterator=train_iter)
+    # A corrupt latest checkpoint is reported, moved aside, and training resumes from the newest
+    # valid one; the steps after it are replayed exactly.
+    latest, state = ckpt.restore_newest(resume, log=_log)
     start_step = latest
     _truncate_metrics(workdir, latest)
     _log(f"resumed from {ckpt.directory} at step {latest}")
@@ -314,6 +339,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
        f"{config.batch_size}; {steps_per_epoch} steps/epoch; {total_steps} steps")
   preemption = _Preemption()
   profiler = _Profiler(config.profile, workdir)
+  # After the resume above: the prefetcher starts from the restored position, and checkpoints save
+  # the position of the last batch trained on (not of the last one prefetched).
+  batches = sharding_lib.DevicePrefetch(train_iter, mesh,
+                                        size=int(config.data.get("prefetch_to_device", 2)))
   compiled_step = None
   flops_per_step = None
   pending: list[tuple[int, dict[str, Any]]] = []  # step metrics not yet fetched from the devices
@@ -343,20 +372,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   try:
     for step in range(start_step + 1, total_steps + 1):
-      batch = sharding_lib.global_batch(next(train_iter), mesh)
-      if compiled_step is None:
-        # Compile ahead of time once: the compiled program also gives the FLOPs per step.
-        compiled_step = train_step.lower(state, batch).compile()
-        flops_per_step = _compiled_flops(compiled_step)
-      profiler.before_step(step)
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, step_metrics = compiled_step(state, batch)
-      profiler.after_step(step, step_metrics)
-      pending.append((step, step_metrics))
-      window_steps += 1
-      is_eval = step % eval_every == 0 or step == total_steps
-      is_checkpoint = is_eval or step % checkpoint_every == 0
-      preempted = preemption.should_stop()
+      # Nothing comes back from the devices in the steady state: metrics are fetched only at log,
+      # evaluation, checkpoint and preemption steps, below. Any other device-to-host copy is an error
+      # here rather than a silent per-step synchronisation.
+      with jax.transfer_guard_device_to_host("disallow_explicit"):
+        batch = next(batches)
+        if compiled_step is None:
+          # Compile ahead of time once: the compiled program also gives the FLOPs per step.
+          compiled_step = train_step.lower(state, batch).compile()
+          flops_per_step = _compiled_flops(compiled_step)
+        profiler.before_step(step)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, step_metrics = compiled_step(state, batch)
+        profiler.after_step(step, step_metrics)
+        pending.append((step, step_metrics))
+        window_steps += 1
+        is_eval = step % eval_every == 0 or step == total_steps
+        is_checkpoint = is_eval or step % checkpoint_every == 0
+        preempted = preemption.should_stop(step)
       if step % config.log_every_steps == 0 or step == total_steps or is_checkpoint or preempted:
         last = check_pending()
         if last is not None and (step % config.log_every_steps == 0 or step == total_steps):
@@ -391,7 +424,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         _log(message)
       if is_checkpoint or preempted:
         ckpt.save(step, checkpointing.to_checkpoint_tree(nnx.to_pure_dict(state)),
-                  data_iterator=train_iter, meta={**meta_base, "step": step}, metrics=val_metrics,
+                  data_iterator=batches, meta={**meta_base, "step": step}, metrics=val_metrics,
                   force=True)
         t_window, window_steps = time.perf_counter(), 0
       if preempted:
@@ -447,9 +480,13 @@ def evaluate_best(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
                                 train_frequencies=train_frequencies,
                                 ancestor_matrix=manifest.taxonomy.ancestor_matrix)
   result = summarize(thresholds=0.5)
-  result.update(split=config.data.test_split, checkpoint_step=best_step)
+  result.update(split=config.data.test_split, checkpoint_step=best_step, thresholds_source="0.5")
+  thresholds_path = os.path.join(workdir, THRESHOLDS_FILE)
   if thresholds is not None:
-    result["at_tuned_thresholds"] = summarize(thresholds=thresholds)
+    # Applied as evaluate and predict apply thresholds.json: closed on hierarchical labels.
+    result["at_tuned_thresholds"] = summarize(thresholds=thresholds.thresholds, rules=thresholds.rules,
+                                              close=bool(config.data.hierarchical))
+    result["at_tuned_thresholds"]["thresholds_source"] = f"tuned ({thresholds_path})"
   if task.ema_decay:
     ema_eval_step = steps_lib.make_eval_step(task, state_sharding=placement.state,
                                              batch_sharding=placement.batch, use_ema=True)
@@ -458,8 +495,7 @@ def evaluate_best(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
                                          train_frequencies=train_frequencies,
                                          ancestor_matrix=manifest.taxonomy.ancestor_matrix)
     result["ema"]["decay"] = task.ema_decay
-  evaluation.write_json(os.path.join(workdir, "eval", f"{config.data.test_split}_step{best_step}.json"),
-                        result)
+  # Only results.json: eval/ is the evaluate job's, one file per threshold rule.
   evaluation.write_json(os.path.join(workdir, "results.json"), result)
   ckpt.close()
   if jax.process_index() == 0:
@@ -468,11 +504,21 @@ def evaluate_best(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
           + metrics_lib.format_report(result), flush=True)
     if thresholds is not None:
       tuned = result["at_tuned_thresholds"]
-      print(f"With per-class thresholds tuned on {config.data.threshold_split!r} "
-            f"({os.path.join(workdir, THRESHOLDS_FILE)}): macro F1 {result['f1']['macro']:.4f} -> "
-            f"{tuned['f1']['macro']:.4f}, micro F1 {result['f1']['micro']:.4f} -> "
-            f"{tuned['f1']['micro']:.4f}, macro precision {tuned['precision']['macro']:.4f}, "
-            f"macro recall {tuned['recall']['macro']:.4f}", flush=True)
+      violations = evaluation.violation_rate_text
+      print(f"With per-class thresholds tuned on {config.data.threshold_split!r} ({thresholds_path}; "
+            f"per-label rules: {thresholds_lib.count_rules(thresholds.rules)}"
+            f"{'; ancestors of predicted labels added' if config.data.hierarchical else ''}): macro F1 "
+            f"{result['f1']['macro']:.4f} -> {tuned['f1']['macro']:.4f}, micro F1 "
+            f"{result['f1']['micro']:.4f} -> {tuned['f1']['micro']:.4f}, macro precision "
+            f"{tuned['precision']['macro']:.4f}, macro recall {tuned['recall']['macro']:.4f}, labels per "
+            f"image {result['labels_per_image']['predicted']:.3f} -> "
+            f"{tuned['labels_per_image']['predicted']:.3f}, hierarchy violations {violations(result)} -> "
+            f"{violations(tuned)}", flush=True)
+      for rule in (thresholds_lib.CAPPED, thresholds_lib.DEFAULT):
+        names = [f"{n} ({t:.3f})" for n, r, t in zip(task.label_names, thresholds.rules,
+                                                     thresholds.thresholds) if r == rule]
+        if names:
+          print(f"  {rule} ({thresholds.rule_descriptions()[rule]}): {', '.join(names)}", flush=True)
     if "ema" in result:
       ema = result["ema"]
       print(f"EMA of the parameters (decay {task.ema_decay}), same checkpoint, threshold 0.5: "
