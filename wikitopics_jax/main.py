@@ -14,6 +14,12 @@ r"""Command line: `wikitopics <command> [flags]` (or `python -m wikitopics_jax.m
   fetch     --out=DIR --width=120 --user_agent="name/1.0 (url; email)" (--labels=... | --wit_tsv=...)
             [--extensions=jpg,jpeg --max_workers=4 --requests_per_second=40]
   stats     --data_dir=DIR [--split=train] [--out=DIR] [--resampling=heuristic_under[:0.8]]
+  categories --dump=commonswiki-...-pages-articles-multistream.xml.bz2 --out=DIR
+            [--dump_index=...-multistream-index.txt.bz2] [--wit_tsv=FILES | --labels=FILES]
+            [--num_workers=0]                            (docs/labels.md)
+  label     --graph=DIR --files=FILES.parquet --out=labels.parquet [--taxonomy=v1.3
+            --heuristics=headJ+depth --hierarchical]      (docs/labels.md)
+  label     --graph=DIR --evaluate=ANNOTATED.parquet --taxonomy=v1.4 [--out=report.json]
   bench     [--suites=...] [--tiny] [--out=bench.json]      (see wikitopics_jax/bench/cli.py)
 
 Every command also takes --verbose, --jax_cache_dir, --host_malloc and the multi-host flags
@@ -79,7 +85,8 @@ _SPLITS = flags.DEFINE_string("splits", "train:0.7,val:0.075,threshold:0.075,tes
                               "ingest: split fractions.")
 _ENCODING = flags.DEFINE_enum("image_encoding", "raw", ["raw", "png", "jpeg"], "ingest: stored encoding.")
 _RESIZE = flags.DEFINE_enum("resize", "squash", ["squash", "center_crop"], "ingest/predict: resizing.")
-_WORKERS = flags.DEFINE_integer("num_workers", 0, "ingest: worker processes (0 = all CPUs).")
+_WORKERS = flags.DEFINE_integer("num_workers", 0, "ingest/categories: worker processes (0 = all "
+                                 "CPUs).")
 # None = the command's default (ingest keeps what the thesis kept; fetch everything); empty = all.
 _EXTENSIONS = flags.DEFINE_list("extensions", None, "ingest/fetch: file extensions kept (no dot; "
                                 "'' = all; default: ingest jpg,jpeg as the thesis, fetch all).")
@@ -102,6 +109,21 @@ _MAX_BYTES = flags.DEFINE_integer("max_bytes", 50 << 20, "fetch: larger download
 _RESAMPLING = flags.DEFINE_string(
     "resampling", None, "stats: also the statistics after resampling with this method (see "
     "resampling.py), optionally with its keep/extra fraction as METHOD:FRACTION, and Figure 4.1.")
+_DUMP = flags.DEFINE_string(
+    "dump", None, "categories: a Commons pages-articles XML dump (.xml, .xml.bz2 or the "
+    "-multistream.xml.bz2).")
+_GRAPH = flags.DEFINE_string("graph", None, "label: the category graph (graph.npz, or the "
+                             "directory `categories` wrote).")
+_FILES = flags.DEFINE_string("files", None, "label: the files table (Parquet: file, categories).")
+_HEURISTICS = flags.DEFINE_string("heuristics", "headJ+depth", "label: heuristics tried in order, "
+                                  "joined with '+' (head, headJ, depth, lookahead).")
+_HIERARCHICAL = flags.DEFINE_bool("hierarchical", False, "label: a label also has its descendants' "
+                                  "seed categories (seed Animalia gives Animals, Nature and STEM).")
+_EVALUATE = flags.DEFINE_list("evaluate", [], "label: human annotation Parquet files to score the "
+                              "heuristic labels against (per-label and averaged P/R/F1).")
+_DUMP_INDEX = flags.DEFINE_string(
+    "dump_index", None, "categories: the multistream dump's index (parallel and resumable; "
+    "without it the dump is read sequentially).")
 _JAX_CACHE = flags.DEFINE_string(
     "jax_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "wikitopics_jax", "xla"),
     "Persistent XLA compilation cache ('' disables).")
@@ -114,7 +136,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (mu
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the libraries' logging (Orbax, Grain, absl "
                              "INFO and WARNING lines), which is off by default.")
 
-COMMANDS = ("train", "evaluate", "predict", "report", "generate", "ingest", "fetch", "stats", "bench")
+COMMANDS = ("train", "evaluate", "predict", "report", "generate", "ingest", "fetch", "stats",
+            "categories", "label", "bench")
 
 # The flags each command takes. absl flags are global, so without this a flag of another command
 # would be silently ignored; `config` stands for --config and all its --config.* overrides.
@@ -132,6 +155,8 @@ COMMAND_FLAGS = {
     "fetch": ("out", "width", "user_agent", "labels", "wit_tsv", "extensions", "max_workers",
               "requests_per_second", "deadline_s", "max_bytes"),
     "stats": ("data_dir", "split", "out", "resampling"),
+    "categories": ("dump", "dump_index", "out", "wit_tsv", "labels", "num_workers"),
+    "label": ("graph", "files", "out", "taxonomy", "heuristics", "hierarchical", "evaluate"),
     "bench": bench_cli.FLAG_NAMES,
 }
 # Process set-up, taken by every command (as are absl's own flags: --flagfile, -v, --help, ...).
@@ -146,6 +171,7 @@ _HUMAN_INGEST_ONLY = ("geology_and_fossils",)
 REQUIRED_FLAGS = {"train": ("config", "workdir"), "evaluate": ("workdir",),
                   "predict": ("workdir", "out"), "report": ("workdir",), "generate": ("data_dir",),
                   "ingest": ("data_dir",), "fetch": ("out", "user_agent"), "stats": ("data_dir",),
+                  "categories": ("dump", "out"), "label": ("graph",),
                   "bench": ()}
 
 
@@ -314,6 +340,48 @@ def _resampled_stats(data_dir: str, split: str, method: str, params: dict) -> di
           for kind, y in (("flat", flat), ("hierarchical", hier))}
 
 
+def _categories():
+  from wikitopics_jax.errors import InputError  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.labels import dump  # pylint: disable=g-import-not-at-top
+  if _WIT_TSV.value and _LABELS.value:
+    raise InputError("categories: give --wit_tsv or --labels, not both")
+  if _WORKERS.value < 0:
+    raise InputError(f"--num_workers={_WORKERS.value}: must be >= 0 (0 = all CPUs)")
+  out = _required(bench_cli.OUT_FLAG, "categories")
+  summary = dump.run_categories(_required(_DUMP, "categories"), out, index=_DUMP_INDEX.value,
+                                wit_tsv=_files(_WIT_TSV.value), labels=_files(_LABELS.value),
+                                num_workers=_WORKERS.value)
+  print(f"{out}: {summary.line()}")
+
+
+def _label():
+  from wikitopics_jax import taxonomy as taxonomy_lib  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.errors import InputError  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.labels import heuristics  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.labels import human_eval  # pylint: disable=g-import-not-at-top
+  if bool(_FILES.value) == bool(_EVALUATE.value):
+    raise InputError("label: give --files (write a labels table) or --evaluate (score against "
+                     "human annotations), one of the two")
+  tax = taxonomy_lib.load(_TAXONOMY.value)
+  specs = heuristics.parse_heuristics(_HEURISTICS.value)  # A bad name fails before the graph loads.
+  labeller = heuristics.Labeller(heuristics.load_graph(_GRAPH.value), tax, specs,
+                                 hierarchical=_HIERARCHICAL.value)
+  if labeller.missing_seeds:
+    print(f"warning: seed categories not in the graph: {labeller.missing_seeds}")
+  if _EVALUATE.value:
+    rep = human_eval.evaluate(labeller, _files(_EVALUATE.value))
+    print(f"{rep['images']} annotated images, heuristics {rep['heuristics']}, taxonomy {tax.version}")
+    print(human_eval.format_report(rep, tax.labels))
+    if bench_cli.OUT_FLAG.value:
+      with open(bench_cli.OUT_FLAG.value, "w", encoding="utf-8") as f:
+        f.write(human_eval.to_json(rep))
+    return
+  out = _required(bench_cli.OUT_FLAG, "label")
+  counts = heuristics.write_labels_table(labeller, _FILES.value, out)
+  print(f"{out}: {counts['files']} files, {counts['labelled']} with labels; "
+        f"{labeller.stats()}")
+
+
 def _bench():
   report = bench_cli.run_from_flags()
   if report.get("failed"):
@@ -322,7 +390,7 @@ def _bench():
 
 _RUNNERS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "report": _report,
             "generate": _generate, "ingest": _ingest, "fetch": _fetch, "stats": _stats,
-            "bench": _bench}
+            "categories": _categories, "label": _label, "bench": _bench}
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:

@@ -5,7 +5,9 @@ A taxonomy is a JSON file::
     {"version": "v1.3", "labels": [...index order...], "parents": {"Plants": ["Nature"], "STEM": [], ...}}
 
 `parents` maps every label to the list of its parents (a DAG is allowed; the Wikipedia taxonomies are
-trees). Roots have an empty list. The shipped versions live in `wikitopics_jax/taxonomies/`.
+trees). Roots have an empty list. An optional `seeds` maps labels to the Commons categories that define
+them (the labelling heuristics' starting points, `wikitopics_jax.labels.heuristics`); it is not part of
+a taxonomy's identity (`to_json`, equality), so manifests written before it existed still match. The shipped versions live in `wikitopics_jax/taxonomies/`.
 
 R follows Giunchiglia & Lukasiewicz (NeurIPS 2020): R[i, j] = 1 iff label j is label i or a descendant
 of label i, so a hierarchical ("closed") label vector is y_hier = (R @ y_flat) > 0.
@@ -31,6 +33,8 @@ class Taxonomy:
   version: str
   labels: tuple[str, ...]
   parents: dict[str, tuple[str, ...]]
+  seeds: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict, compare=False,
+                                                        repr=False)
 
   def __post_init__(self):
     where = f"taxonomy {self.version!r}"
@@ -41,6 +45,8 @@ class Taxonomy:
     unknown += sorted({p for ps in self.parents.values() for p in ps} - set(self.labels))
     if unknown:
       raise InputError(f"{where}: parents mention unknown labels {sorted(set(unknown))}")
+    if set(self.seeds) - set(self.labels):
+      raise InputError(f"{where}: seeds mention unknown labels {sorted(set(self.seeds) - set(self.labels))}")
     # Raises on cycles.
     self._ancestors_by_index()
 
@@ -139,6 +145,18 @@ class Taxonomy:
       raise InputError(f"{where}: {bad.size} examples are not hierarchy-coherent; first is #{first}, "
                        f"missing ancestors {missing}")
 
+  def seed_labels(self, *, hierarchical: bool = False) -> dict[str, tuple[str, ...]]:
+    """Seed category -> the labels it gives, in label order. Hierarchical: a label also has its
+    descendants' seeds (so "Animalia" gives Animals, Nature and STEM), as the prototype's taxonomy."""
+    out: dict[str, set[str]] = {}
+    for label, categories in self.seeds.items():
+      given = {label}
+      if hierarchical:
+        given |= {self.labels[i] for i in self._ancestors_by_index()[self.index[label]]}
+      for category in categories:
+        out.setdefault(category, set()).update(given)
+    return {c: tuple(l for l in self.labels if l in ls) for c, ls in out.items()}
+
   def to_json(self) -> dict:
     return {"version": self.version, "labels": list(self.labels),
             "parents": {l: list(self.parents_of(l)) for l in self.labels}}
@@ -152,7 +170,10 @@ class Taxonomy:
     for label, ps in data["parents"].items():
       ps = [ps] if isinstance(ps, str) else list(ps or [])
       parents[label] = tuple(ps)
-    return cls(version=str(data["version"]), labels=tuple(data["labels"]), parents=parents)
+    seeds = {label: tuple([cs] if isinstance(cs, str) else cs)
+             for label, cs in (data.get("seeds") or {}).items()}
+    return cls(version=str(data["version"]), labels=tuple(data["labels"]), parents=parents,
+               seeds=seeds)
 
 
 def shipped_versions() -> list[str]:
