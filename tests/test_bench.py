@@ -69,7 +69,7 @@ def test_rows_are_consistent(tiny_run):
     ours, theirs = row["ours_stats"]["median"], row["baseline_stats"]["median"]
     expected = ours / theirs if row["higher_is_better"] else theirs / ours
     assert row["speedup"] == pytest.approx(expected), row
-    assert row["higher_is_better"] == (row["unit"] == "images/s")
+    assert row["higher_is_better"] == (row["unit"] in runner.RATE_UNITS)
 
 
 def test_model_suites_measure_the_depthwise_trick_and_flops(tiny_run):
@@ -120,10 +120,14 @@ def test_numeric_baselines_agree_with_ours(tiny_run):
   resampling = _rows(report, "resampling")
   assert len(resampling) == 4 and all(r["extra"]["same_result_on_subset"] for r in resampling)
   assert sum(r["baseline_stats"]["extrapolated"] for r in resampling) == 2
-  settings = 3 if runner.core_count() > 1 else 2
   pipeline = _rows(report, "pipeline")
-  assert len(pipeline) == 2 * settings  # decoded, and decoded + naive augmentation
-  assert [r["extra"]["augmentation"] for r in pipeline] == ["none"] * settings + ["naive"] * settings
+  # Decoded, decoded with example info (device augmentation), decoded + naive host augmentation.
+  assert [(r["extra"]["augmentation"], r["extra"]["worker_count"]) for r in pipeline] == [
+      ("none", 0), ("none", 2), ("device", 0), ("naive", 0), ("naive", 2)]
+  for row in pipeline:
+    assert row["extra"]["baseline_processes"] == max(1, row["extra"]["worker_count"])
+    assert row["extra"]["cores_for_100k_images_per_second"] == pytest.approx(
+        100_000 / row["extra"]["ours_images_per_second_per_core"])
   ingest = _rows(report, "ingest")
   assert [r["extra"]["processes"] for r in ingest] == sorted({1, runner.core_count()})
   for row in ingest:  # Every benchmark image made it through the ingest.
@@ -260,3 +264,24 @@ def test_keras_baseline_is_b0_with_our_trainable_parameter_count():
   keras_baseline.KerasStep(keras, model="efficientnet_b0", expected_params=4_047_259, **options)
   with pytest.raises(AssertionError, match="not the same architecture"):
     keras_baseline.KerasStep(keras, model="efficientnet_b0", expected_params=4_047_260, **options)
+
+
+def test_loop_suite_compares_the_training_loop_with_its_bare_step(tiny_run):
+  report, _, _ = tiny_run
+  rows = _rows(report, "loop")
+  assert [row["extra"]["trivial_step"] for row in rows] == [False, True]
+  for row in rows:
+    assert row["baseline"] == "the same compiled step on one pre-made device batch"
+    assert row["ours_stats"]["repeats"] == row["extra"]["windows"]
+    assert row["extra"]["cores_for_100k_images_per_second"] == pytest.approx(
+        100_000 / row["extra"]["loop_images_per_second_per_core"])
+
+
+def test_training_run_summary_leaves_out_the_compiling_window(tmp_path):
+  from wikitopics_jax.bench import training_run  # pylint: disable=g-import-not-at-top
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    for step, rate, mfu in ((10, 5.0, 0.01), (20, 1000.0, 0.30), (30, 1200.0, 0.36), (40, 1100.0, 0.33)):
+      f.write(json.dumps({"step": step, "loss": 0.5, "images_per_second": rate, "mfu": mfu}) + "\n")
+    f.write(json.dumps({"step": 40, "val_loss": 0.4}) + "\n")
+  row = training_run.summarize(str(tmp_path), "b0")
+  assert row == "| b0 | 3 | 1,100 (1,000-1,200) | 33.0% |\n"

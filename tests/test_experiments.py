@@ -307,3 +307,18 @@ def test_one_smoke_row_end_to_end(tmp_path, monkeypatch):
   tables = open(f"{root}/tables.md").read()
   assert "| Flat | `table5_1_training_split` | 0.5 | not run" not in tables
   assert "| Flat (per-class thresh) | `table5_1_training_split` | tuned | 0." in tables
+
+
+def test_accelerator_configs_are_valid_bf16_settings():
+  from wikitopics_jax import configlib  # pylint: disable=g-import-not-at-top
+  accelerator = _load("configs/accelerator.py", "accelerator_config")
+  assert sorted(accelerator.SETTINGS) == ["b0_224", "b0_64", "b2_64"]
+  for name, (model, image_size, batch_size, _) in accelerator.SETTINGS.items():
+    c = accelerator.get_config(name)
+    configlib.check(c)
+    assert (c.model.name, c.model.image_size, c.data.synthetic.image_size) == (model, image_size,
+                                                                             image_size)
+    assert c.model.dtype == "bfloat16" and c.data.augment_on == "device"
+    assert batch_size % 256 == 0  # divides over any power-of-two slice up to 256 chips
+  with pytest.raises(ValueError, match="valid settings"):
+    accelerator.get_config("b7_600")

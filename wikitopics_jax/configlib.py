@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
   # augment_duplicates: the label-dependent augmentation on oversampled copies.
   c.data.augment = "none"
   c.data.augment_duplicates = False
+  # Where augmentation runs: "device" (in the train step, on the uint8 batch, keyed by each example's
+  # global position: augment_device.py) or "host" (NumPy per image in the input pipeline: augment.py).
+  c.data.augment_on = "device"
   # Batches made global and copied to the devices ahead of the step that uses them (>= 1; 2 = the
   # next batch is transferred while the current step runs).
   c.data.prefetch_to_device = 2

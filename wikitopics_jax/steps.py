@@ -15,7 +15,7 @@ from wikitopics_jax import pipeline
 
 
 def make_train_step(task, *, state_sharding, batch_sharding, replicated_sharding,
-                    skip_nonfinite: bool = False, grad_accum_steps: int = 1):
+                    skip_nonfinite: bool = False, grad_accum_steps: int = 1, augment_fn=None):
   """Returns jitted `(state, batch) -> (state, metrics)`; the input state's buffers are donated.
 
   metrics["finite"] says whether loss, gradient norm and updated parameters were finite. With `skip_nonfinite`, a step
@@ -29,6 +29,9 @@ def make_train_step(task, *, state_sharding, batch_sharding, replicated_sharding
   BatchNorm in training mode normalises each micro-batch by its own statistics, and its running
   statistics are updated once per micro-batch (k times per step). The reported loss is the mean of
   the micro-batch losses.
+
+  `augment_fn(images_uint8, index, is_duplicate) -> images_uint8` (`augment_device.from_augmentations`)
+  augments the whole uint8 batch on the device first, keyed by each example's global position.
   """
   graphdef = task.train_graphdef
   objective = task.objective
@@ -73,6 +76,8 @@ def make_train_step(task, *, state_sharding, batch_sharding, replicated_sharding
     # The input values, captured before merge: the update may mutate variables in place.
     old_leaves = jax.tree.leaves(state)
     model, optimizer = nnx.merge(graphdef, state)
+    if augment_fn is not None:
+      batch = {**batch, "image": augment_fn(batch["image"], batch["index"], batch["is_duplicate"])}
     # Gradients of the trainable Params only (config.trainable_layers; frozen ones get none).
     if grad_accum_steps == 1:
       images = pipeline.normalize_images(batch["image"], model.input_normalization)

@@ -23,6 +23,7 @@ from absl import logging
 from flax import nnx
 
 from wikitopics_jax import augment
+from wikitopics_jax import augment_device
 from wikitopics_jax import checkpointing
 from wikitopics_jax import evaluation
 from wikitopics_jax import label_stats
@@ -144,6 +145,8 @@ def resample_training_set(config: ml_collections.ConfigDict) -> resampling.Resam
 def augmentations_for(config: ml_collections.ConfigDict) -> list:
   if config.data.augment not in ("none", "naive"):
     raise InputError(f"config.data.augment={config.data.augment!r}; valid: 'none', 'naive'")
+  if config.data.augment_on not in ("device", "host"):
+    raise InputError(f"config.data.augment_on={config.data.augment_on!r}; valid: 'device', 'host'")
   out = []
   if config.data.augment == "naive":
     out.append(augment.NaiveAugment())
@@ -289,11 +292,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   task = task_lib.build(config, manifest, total_steps=total_steps)
   placement = Placement(mesh, task.state)
-  train_step = steps_lib.make_train_step(task, state_sharding=placement.state,
-                                         batch_sharding=placement.batch,
-                                         replicated_sharding=placement.replicated,
-                                         skip_nonfinite=config.nan_policy == "skip",
-                                         grad_accum_steps=grad_accum_steps)
+  augmentations = augmentations_for(config)
+  on_device = bool(augmentations) and config.data.augment_on == "device"
+  train_step = steps_lib.make_train_step(
+      task, state_sharding=placement.state, batch_sharding=placement.batch,
+      replicated_sharding=placement.replicated, skip_nonfinite=config.nan_policy == "skip",
+      grad_accum_steps=grad_accum_steps,
+      augment_fn=augment_device.from_augmentations(augmentations, config.seed) if on_device else None)
   eval_step = steps_lib.make_eval_step(task, state_sharding=placement.state,
                                        batch_sharding=placement.batch)
   ema_eval_step = (steps_lib.make_eval_step(task, state_sharding=placement.state,
@@ -305,7 +310,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       worker_count=config.data.worker_count,
       indices=None if resampled is None else resampled.indices,
       is_duplicate=None if resampled is None else resampled.is_duplicate,
-      augmentations=augmentations_for(config)))
+      augmentations=[] if on_device else augmentations, emit_example_info=on_device))
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     keep_latest=config.checkpoint.keep_latest,
                                     best_metric=config.checkpoint.best_metric,

@@ -32,11 +32,12 @@ from wikitopics_jax import registry
 
 SUITES = registry.Registry("benchmark suite")
 # The default order of a full run; each module registers the suites it defines.
-SUITE_ORDER = ("train_step", "inference", "pipeline", "ingest", "losses", "metrics", "resampling")
-SUITE_MODULES = ("model_suites", "pipeline_suite", "ingest_suite", "losses_suite", "metrics_suite",
-                 "resampling_suite")
+SUITE_ORDER = ("train_step", "inference", "pipeline", "loop", "ingest", "losses", "metrics",
+               "resampling", "labels_graph")
+SUITE_MODULES = ("model_suites", "pipeline_suite", "loop_suite", "ingest_suite", "losses_suite",
+                 "metrics_suite", "resampling_suite", "labels_suite")
 
-RATE_UNITS = ("images/s",)
+RATE_UNITS = ("images/s", "queries/s", "pages/s")
 TIME_UNITS = {"s": 1.0, "ms": 1e3}
 
 TABLE_HEADER = (
