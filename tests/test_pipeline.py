@@ -154,3 +154,107 @@ def test_resampled_index_list_and_duplicate_augmentation(data_dir):
   assert changed == 16  # exactly the copies were transformed (transpose always applies)
   again = np.concatenate([next(iter(augmented))["image"]])
   np.testing.assert_array_equal(again, epoch_aug[:16])  # deterministic given the seed
+
+
+@pytest.mark.parametrize("num_examples", [1, 5, 96, 8191, 70000])
+def test_shuffled_order_is_grains_shuffle_over_epochs(num_examples):
+  import grain  # pylint: disable=g-import-not-at-top
+  reference = grain.MapDataset.range(num_examples).shuffle(seed=2**32 - 3).repeat(None)
+  rng = np.random.default_rng(num_examples)
+  # Across epochs, including ones whose per-epoch seed wraps past 2**32.
+  positions = np.concatenate([np.arange(min(num_examples, 300)),
+                              rng.integers(0, 6 * num_examples, 300)])
+  expected = [reference[int(p)] % num_examples for p in positions]
+  for cache_limit in (0, num_examples):  # per-batch permutation, then whole cached epochs
+    order = pipeline.ShuffledOrder(num_examples, 2**32 - 3, epoch_cache_limit=cache_limit)
+    np.testing.assert_array_equal(order(positions), expected)
+
+
+def test_train_batches_are_those_of_grains_per_example_shuffle(data_dir):
+  import grain  # pylint: disable=g-import-not-at-top
+  source = grain.sources.ArrayRecordDataSource(
+      manifest_lib.split_paths(data_dir, manifest_lib.read(data_dir).split("train")))
+  shuffled = grain.MapDataset.source(source).shuffle(seed=4).repeat(None)
+  it = iter(pipeline.train_dataset(data_dir, "train", batch_size=20, seed=4, hierarchical=False))
+  for b in range(10):  # 96 examples: batches straddle epochs
+    batch = next(it)
+    expected = [records.decode_record(shuffled[b * 20 + r]) for r in range(20)]
+    np.testing.assert_array_equal(batch["image"], np.stack([e["image"] for e in expected]))
+    np.testing.assert_array_equal(batch["labels"], np.stack([e["labels"] for e in expected]))
+
+
+def test_example_info_for_device_augmentation(data_dir):
+  from wikitopics_jax import augment  # pylint: disable=g-import-not-at-top
+  indices = np.concatenate([np.arange(96), np.arange(0, 32)])
+  is_duplicate = np.arange(128) >= 96
+  kwargs = dict(seed=6, hierarchical=False, indices=indices, is_duplicate=is_duplicate)
+  plain = iter(pipeline.train_dataset(data_dir, "train", batch_size=16, **kwargs))
+  info = iter(pipeline.train_dataset(data_dir, "train", batch_size=16, emit_example_info=True,
+                                     augmentations=[augment.DuplicateAugment(p_transpose=1.0)],
+                                     **kwargs))
+  halves = [iter(pipeline.train_dataset(data_dir, "train", batch_size=8, emit_example_info=True,
+                                        share=pipeline.ProcessShare(i, 2), **kwargs))
+            for i in range(2)]
+  order = pipeline.ShuffledOrder(128, 6)
+  duplicates = 0
+  for b in range(10):
+    expected, batch = next(plain), next(info)
+    assert set(expected) == {"image", "labels"}
+    assert set(batch) == {"image", "labels", "index", "is_duplicate"}
+    assert batch["index"].dtype == np.uint32 and batch["is_duplicate"].dtype == bool
+    np.testing.assert_array_equal(batch["index"], np.arange(b * 16, b * 16 + 16))
+    np.testing.assert_array_equal(batch["is_duplicate"], is_duplicate[order(batch["index"])])
+    duplicates += batch["is_duplicate"].sum() if b < 8 else 0
+    # The host did not augment: the copies come out untouched.
+    np.testing.assert_array_equal(batch["image"], expected["image"])
+    parts = [next(h) for h in halves]
+    for key in batch:
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), batch[key])
+  assert duplicates == 32  # the first epoch (8 batches) holds each of the 32 copies once
+
+
+def test_example_index_wraps_at_2_to_the_32(data_dir):
+  it = iter(pipeline.train_dataset(data_dir, "train", batch_size=16, seed=0, hierarchical=False,
+                                   emit_example_info=True))
+  state = it.get_state()
+  state["next_index"] = 2**32 // 16 - 1  # the batch holding positions 2**32 - 16 .. 2**32 - 1
+  it.set_state(state)
+  np.testing.assert_array_equal(next(it)["index"], np.arange(2**32 - 16, 2**32))
+  np.testing.assert_array_equal(next(it)["index"], np.arange(16))
+
+
+def test_batch_decoding_of_png_records_and_a_wrong_image_shape(tmp_path):
+  image = np.random.default_rng(0).integers(0, 256, (8, 6, 3)).astype(np.uint8)
+  labels = np.array([0, 1, 1], np.uint8)
+  png = records.encode_example(example_id="p", image=image, labels=labels, labels_hier=labels,
+                               image_encoding="png")
+  image_out, labels_out = np.zeros((8, 6, 3), np.uint8), np.zeros(3, np.uint8)
+  records.decode_into(png, image_out, labels_out, where="s#1")
+  np.testing.assert_array_equal(image_out, image)
+  np.testing.assert_array_equal(labels_out, labels)
+  with pytest.raises(InputError, match=r"s#1: example 'p' has image shape \(8, 6, 3\), the manifest "
+                                       r"says \(6, 8, 3\)"):
+    records.decode_into(png, np.zeros((6, 8, 3), np.uint8), labels_out, where="s#1")
+  with pytest.raises(InputError, match="s#1: example 'p' has 3 labels, the manifest's taxonomy has 4"):
+    records.decode_into(png, image_out, np.zeros(4, np.uint8), where="s#1")
+  with pytest.raises(InputError, match="s#1: undecodable"):
+    records.decode_into(b"\x00garbage", image_out, labels_out, where="s#1")
+
+
+def test_two_worker_processes_give_the_same_train_and_eval_batches(data_dir):
+  kwargs = dict(batch_size=8, seed=2, hierarchical=True, emit_example_info=True)
+  plain = iter(pipeline.train_dataset(data_dir, "train", **kwargs))
+  workers = iter(pipeline.train_dataset(data_dir, "train", worker_count=2, **kwargs))
+  for _ in range(5):
+    expected, batch = next(plain), next(workers)
+    assert set(batch) == set(expected)
+    for key in expected:
+      np.testing.assert_array_equal(batch[key], expected[key])
+  ds, n = pipeline.eval_dataset(data_dir, "val", batch_size=16, hierarchical=False, worker_count=2)
+  ref, _ = pipeline.eval_dataset(data_dir, "val", batch_size=16, hierarchical=False)
+  batches, expected = list(ds), list(ref)
+  assert len(batches) == n == 3
+  for batch, want in zip(batches, expected):
+    for key in want:
+      np.testing.assert_array_equal(batch[key], want[key])
+  assert not batches[-1]["image"][37 - 32:].any()  # padding rows are zeros

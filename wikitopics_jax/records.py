@@ -63,3 +63,31 @@ def decode_record(data: bytes, *, where: str = "record") -> dict[str, Any]:
     }
   except (KeyError, ValueError, TypeError, OSError, msgpack.UnpackException) as e:
     raise InputError(f"{where}: undecodable example ({type(e).__name__}: {e})") from None
+
+
+def decode_into(data: bytes, image_out: np.ndarray, labels_out: np.ndarray, *,
+                label_key: str = "labels", where: str = "record") -> None:
+  """Decodes one record straight into a row of a batch: ``image_out`` (HWC uint8) and ``labels_out``
+  (uint8) get the image and ``label_key``. A raw image is one copy out of the record's bytes, with no
+  example dict in between; PNG/JPEG go through PIL. The row's shapes are the manifest's, so a record
+  that differs is an InputError, as is an undecodable one."""
+  try:
+    record = msgpack.unpackb(data, raw=False)
+    if record["image_encoding"] == "raw":
+      shape = tuple(record["shape"])
+      pixels = np.frombuffer(record["image"], np.uint8)
+    else:
+      pixels = np.asarray(Image.open(io.BytesIO(record["image"])).convert("RGB"))
+      shape = pixels.shape
+    labels = np.frombuffer(record[label_key], np.uint8)
+    example_id = record["id"]
+  except (KeyError, ValueError, TypeError, OSError, msgpack.UnpackException) as e:
+    raise InputError(f"{where}: undecodable example ({type(e).__name__}: {e})") from None
+  if shape != image_out.shape or pixels.size != image_out.size:
+    raise InputError(f"{where}: example {example_id!r} has image shape {shape}, the manifest says "
+                     f"{image_out.shape}")
+  if labels.shape != labels_out.shape:
+    raise InputError(f"{where}: example {example_id!r} has {labels.size} {label_key}, the manifest's "
+                     f"taxonomy has {labels_out.size}")
+  image_out[...] = pixels.reshape(shape)
+  labels_out[...] = labels

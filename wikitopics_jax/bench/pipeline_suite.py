@@ -1,20 +1,24 @@
-"""Suite `pipeline`: decoded (and augmented) images/s of the Grain training pipeline vs a bare
-read-and-decode loop.
+"""Suite `pipeline`: decoded (and augmented) images/s of the Grain training iterator vs a bare
+read-and-decode loop over the same records, side by side in alternating rounds.
 
-A synthetic dataset (`synthetic.generate`, 64x64) is written to a temporary directory. Ours:
-`pipeline.train_dataset` (shuffle, decode, batch), plain and with the thesis's naive augmentation
-(`augment.NaiveAugment`: zoom, rotation, shift, flip on every image), in the main process
-(worker_count=0; Grain still decodes with its read threads there), with one worker process, and with
-one worker process per core.
-Baseline, the ceiling: a bare loop that reads the same ArrayRecord records in the same random order
-and decodes them with `records.decode_record`, in one process, or in as many processes as ours uses (a
-spawn process pool, each decoding its share; results are not sent back, so the ceiling has no
+A synthetic dataset (`synthetic.generate`, 64x64 raw records) is written to a temporary directory.
+Ours: `pipeline.train_dataset` (shuffle, this process's rows of each global batch, batched read,
+decode into the batch), in the main process (worker_count=0) and with 2 worker processes (Grain
+`mp_prefetch`); with `emit_example_info=True` (device augmentation: the host only decodes); and with
+the thesis's naive host augmentation (`augment.NaiveAugment`: zoom, rotation, shift, flip on every
+image), for comparison.
+Baseline, the ceiling: a bare loop that reads the same ArrayRecord records one by one in a random
+order and decodes them with `records.decode_record`, in as many processes as ours uses (a spawn
+process pool, each decoding its share; results are not sent back, so the ceiling has no
 inter-process transfer). Worker start-up is in the warm-up.
 
-Unlike the other suites these are not interleaved: Grain reads ahead (read threads, worker buffers),
-so while another loop is timed it would fill its buffers and its next run would be served from them.
-Each loop is measured alone: warm-up (which empties the read-ahead buffer), back-to-back timed runs,
-close. Consumed back to back, the buffers stay empty and the figure is the steady-state rate.
+Alternating rounds: while the bare loop runs, worker processes (and Grain read threads, if
+`pipeline.READ_OPTIONS` had any) work ahead into bounded buffers, so each of our runs first takes as
+many batches as those buffers can hold (timed, but not counted as work) and then `batches_per_run`
+batches produced from empty buffers: the steady-state rate, a little under-stated.
+Images/s per core: in the main process, images per CPU second of the process (all its threads);
+with workers, images/s divided by the worker count. The rows say how many such cores 100k images/s
+would need.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import functools
 import multiprocessing
 import os
 import tempfile
+import time
 
 import grain
 import numpy as np
@@ -94,28 +99,36 @@ class BareLoop:
 
 
 class GrainLoop:
-  """`batches_per_run` batches of `pipeline.train_dataset` per run."""
+  """`batches_per_run` batches of `pipeline.train_dataset` per run, after taking what Grain read
+  ahead while another loop ran."""
 
   def __init__(self, data_dir: str, *, batch_size: int, batches_per_run: int, worker_count: int,
-               drain: bool, augmentations: list | None = None):
+               drain: bool, augmentations: list | None = None, emit_example_info: bool = False):
     self.dataset = pipeline.train_dataset(data_dir, "train", batch_size=batch_size, seed=0,
                                           hierarchical=False, worker_count=worker_count,
-                                          augmentations=augmentations)
+                                          augmentations=augmentations,
+                                          emit_example_info=emit_example_info)
     self.iterator = iter(self.dataset)
     self.batches_per_run = batches_per_run
-    # Grain reads ahead into a buffer (ReadOptions.prefetch_buffer_size batches, in each worker
-    # process when there are workers) while nobody consumes, e.g. during start-up. The warm-up
-    # empties it, so that the timed runs see the production rate, not the buffer.
-    buffered = grain.ReadOptions().prefetch_buffer_size * max(1, worker_count)
-    self.warmup_batches = 2 * batches_per_run + (buffered if drain else 0)
+    # Batches that can be ready before a run starts: Grain's read-ahead buffer and the batches in its
+    # read threads, per process (none with pipeline.READ_OPTIONS' 0 threads), plus, per worker, the
+    # one in its output queue and the one it has built while that one waits.
+    options = pipeline.READ_OPTIONS
+    read_ahead = options.prefetch_buffer_size + options.num_threads if options.num_threads else 0
+    self.buffered = (read_ahead * max(1, worker_count) + 2 * worker_count) if drain else 0
+    # CPU seconds of this process (all its threads: Grain's, the reader's) and batches, per run.
+    self.cpu_seconds, self.batches = 0.0, 0
 
   def run(self) -> None:
-    for _ in range(self.batches_per_run):
+    start = time.process_time()
+    for _ in range(self.buffered + self.batches_per_run):
       next(self.iterator)
+    self.cpu_seconds += time.process_time() - start
+    self.batches += self.buffered + self.batches_per_run
 
   def warmup(self) -> None:
-    for _ in range(self.warmup_batches):
-      next(self.iterator)
+    for _ in range(2):
+      self.run()
 
   def close(self) -> None:
     self.iterator.close()
@@ -123,44 +136,63 @@ class GrainLoop:
 
 @runner.SUITES.register(SUITE)
 def run(ctx: runner.Context) -> list[runner.Row]:
-  cores = runner.core_count()
   num_images, image_size = (256, 32) if ctx.tiny else (8192, 64)
   # Long runs: Grain hands over batches in bursts, which short runs would catch or miss.
   batch_size, batches_per_run = (16, 4) if ctx.tiny else (64, 100)
   repeats = 2 if ctx.tiny else 5
   images_per_run = batch_size * batches_per_run
-  settings = [(0, "in the main process (worker_count=0)", 1), (1, "1 worker process", 1)]
-  if cores > 1:
-    settings.append((cores, f"{cores} worker processes (one per core)", cores))
+  # (what, augmentation, emit_example_info, worker counts)
+  variants = [("decoded {images}", None, False, (0, 2)),
+              ("decoded {images} for device augmentation (with example info)", None, True, (0,)),
+              ("decoded+augmented {images}", "naive", False, (0, 2))]
   rows = []
   with tempfile.TemporaryDirectory(prefix="wikitopics-bench-") as tmp:
     data_dir = os.path.join(tmp, "data")
     manifest = synthetic.generate(data_dir, num_images=num_images, image_size=image_size, seed=0,
                                   split_fractions=(("train", 1.0),))
     paths = manifest_lib.split_paths(data_dir, manifest.split("train"))
-    # Not interleaved: a prefetching pipeline works ahead while another one is timed, so each is
-    # measured alone, back to back, and closed before the next starts.
-    bare = {processes: runner.measure_alone(
-                BareLoop(paths, num_images, images_per_run, processes), work=images_per_run,
-                repeats=repeats, unit="images/s")
-            for processes in sorted({p for _, _, p in settings})}
-    for augmentations, what in (([], "decoded"), ([augment.NaiveAugment()], "decoded+augmented")):
-      for workers, label, processes in settings:
-        # --tiny skips draining the read-ahead buffers (its figures mean nothing anyway).
-        grain_loop = GrainLoop(data_dir, batch_size=batch_size, batches_per_run=batches_per_run,
-                               worker_count=workers, drain=not ctx.tiny, augmentations=augmentations)
-        ours = runner.measure_alone(grain_loop, work=images_per_run, repeats=repeats,
-                                    unit="images/s")
-        augmented = " + naive augmentation" if augmentations else ""
+    for what, augmentation, emit_example_info, worker_counts in variants:
+      for workers in worker_counts:
+        processes = max(1, workers)
+        # --tiny does not drain the read-ahead buffers (its figures mean nothing anyway).
+        ours = GrainLoop(data_dir, batch_size=batch_size, batches_per_run=batches_per_run,
+                         worker_count=workers, drain=not ctx.tiny,
+                         augmentations=[augment.NaiveAugment()] if augmentation else None,
+                         emit_example_info=emit_example_info)
+        bare = BareLoop(paths, num_images, images_per_run, processes)
+        try:
+          stats = runner.measure_alternating(
+              [runner.Candidate("ours", ours.run, work=images_per_run, warmup=ours.warmup),
+               runner.Candidate("bare", bare.run, work=images_per_run, warmup=bare.warmup)],
+              repeats=repeats, unit="images/s", settling_round=True)
+        finally:
+          ours.close()
+          bare.close()
+        ours_stats, bare_stats = stats["ours"][0], stats["bare"][0]
+        if workers == 0:
+          # The main process decodes on several threads (the reader decompresses a batch's records
+          # in parallel), so its cores are its CPU seconds, not 1.
+          per_core = ours.batches * batch_size / max(ours.cpu_seconds, 1e-9)
+        else:
+          per_core = ours_stats.median / processes
+        label = ("in the main process (worker_count=0)" if workers == 0
+                 else f"{workers} worker processes")
+        option = ", emit_example_info=True" if emit_example_info else ""
         rows.append(runner.Row(
-            SUITE, f"{what} {image_size}x{image_size} images, batch {batch_size}, {label}",
-            f"Grain train_dataset{augmented}, worker_count={workers}", "images/s", ours,
+            SUITE, f"{what.format(images=f'{image_size}x{image_size} images')}, batch {batch_size}, "
+                   f"{label}",
+            f"Grain train_dataset{' + naive augmentation' if augmentation else ''}{option}, "
+            f"worker_count={workers}", "images/s", ours_stats,
             baseline=f"bare read+decode loop, {processes} process{'es' if processes > 1 else ''}",
-            baseline_stats=bare[processes],
-            note="baseline is the ceiling (no shuffle, augmentation, batching or transfer); "
-                 "measured one after the other, not interleaved",
+            baseline_stats=bare_stats,
+            note=f"{per_core:,.0f} images/s per core: 100k images/s needs "
+                 f"{100_000 / per_core:.1f} cores; baseline is the ceiling (no shuffle, "
+                 "augmentation, batching or transfer); alternating rounds",
             extra={"num_images": num_images, "images_per_run": images_per_run,
                    "worker_count": workers, "baseline_processes": processes,
-                   "augmentation": "naive" if augmentations else "none",
-                   "ours_images_per_second_per_worker": ours.median / max(workers, 1)}))
+                   "augmentation": ("device" if emit_example_info else augmentation or "none"),
+                   "emit_example_info": emit_example_info,
+                   "ours_images_per_second_per_core": per_core,
+                   "cores_for_100k_images_per_second": 100_000 / per_core,
+                   "baseline_images_per_second_per_core": bare_stats.median / processes}))
   return rows
