@@ -55,7 +55,7 @@ def test_every_suite_runs_and_the_json_is_written(tiny_run):
 def test_rows_are_consistent(tiny_run):
   report, _, _ = tiny_run
   for row in report["rows"]:
-    assert row["measured"] and row["ours"] and row["unit"] in ("images/s", "s", "ms"), row
+    assert row["measured"] and row["ours"] and row["unit"] in (*runner.RATE_UNITS, "s", "ms"), row
     for key in ("ours_stats", "baseline_stats"):
       stats = row[key]
       if stats is None:

@@ -32,8 +32,10 @@ def _start(workdir, data_dir, cache_dir):
       _cli(["train", f"--config={REPO}/configs/tiny.py:{data_dir}", f"--workdir={workdir}",
             f"--config.num_train_steps={NUM_STEPS}", f"--config.eval_every_steps={NUM_STEPS}",
             "--config.thresholds.tune=False", f"--coordinator_address=127.0.0.1:{port}",
-            # This test's own compilation cache: the later runs skip compilation.
-            "--num_processes=2", f"--process_id={i}", f"--jax_cache_dir={cache_dir}"]),
+            # A cache per process and per test: the later runs skip compilation, and the two
+            # processes always compile (or load) alike. With one shared cache, one process could
+            # load what the other was still compiling and wait for it past gloo's 30 s deadline.
+            "--num_processes=2", f"--process_id={i}", f"--jax_cache_dir={cache_dir}/{i}"]),
       env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
 
 

@@ -56,6 +56,14 @@ def check_grad_accum(global_batch_size: int, grad_accum_steps: int, mesh: Mesh) 
                      f"{num_devices} devices of the mesh")
 
 
+def wait_for_all_processes(name: str, timeout_s: float = 3600.0) -> None:
+  """A barrier of the coordination service (no device collective); a no-op in one process."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
 def process_share() -> pipeline.ProcessShare:
   return pipeline.ProcessShare(index=jax.process_index(), count=jax.process_count())
 

@@ -386,6 +386,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           # Compile ahead of time once: the compiled program also gives the FLOPs per step.
           compiled_step = train_step.lower(state, batch).compile()
           flops_per_step = _compiled_flops(compiled_step)
+          # Hosts finish compiling at different times; the first step's collectives would wait
+          # for the slowest (on CPU, gloo gives up after 30 s).
+          sharding_lib.wait_for_all_processes("train step compiled")
         profiler.before_step(step)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           state, step_metrics = compiled_step(state, batch)
