@@ -29,8 +29,8 @@ import multiprocessing
 import os
 import re
 import shutil
-import tempfile
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -450,9 +450,8 @@ def _clean_categories(links: pa.Array, graph: graph_lib.CategoryGraph) -> pa.Arr
 
 
 def _atomic_parquet(table: pa.Table, path: str) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".files-",
-                             suffix=".tmp")
-  os.close(fd)
+  # Not mkstemp (0600): the table gets the umask's mode like every other output.
+  tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".files-{uuid.uuid4().hex}.tmp")
   try:
     pq.write_table(table, tmp)
     os.replace(tmp, path)

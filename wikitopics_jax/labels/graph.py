@@ -14,8 +14,8 @@ from __future__ import annotations
 import bisect
 import os
 import re
-import tempfile
 import urllib.parse
+import uuid
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -328,9 +328,10 @@ class CategoryGraph:
         alias_offsets=a_off, alias_data=a_data, alias_targets=self.alias_targets)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".graph-", suffix=".tmp")
+    # A plain open, not mkstemp: the file gets the umask's mode (0644) like every other output.
+    tmp = os.path.join(directory, f".graph-{uuid.uuid4().hex}.tmp")
     try:
-      with os.fdopen(fd, "wb") as f:
+      with open(tmp, "xb") as f:
         np.savez(f, **arrays)
         f.flush()
         os.fsync(f.fileno())
