@@ -60,13 +60,12 @@ def _config(data_dir: str, *, model: str, batch_size: int, steps: int, log_every
   return c
 
 
-def _loop_windows(workdir: str, batch_size: int) -> list[float]:
+def _loop_windows(workdir: str) -> list[float]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   rates = [r["images_per_second"] for r in rows if "images_per_second" in r]
   if len(rates) <= _SKIPPED_WINDOWS:
     raise RuntimeError(f"only {len(rates)} log windows; need more than {_SKIPPED_WINDOWS}")
-  del batch_size
   return rates[_SKIPPED_WINDOWS:]
 
 
@@ -145,7 +144,7 @@ def _measure(ctx: runner.Context, tmp: str, data_dir: str, name: str, *, model: 
   ctx.log(f"[{SUITE}] {name}: {steps} steps of trainer.train")
   with _trivial_steps() if trivial else contextlib.nullcontext():
     trainer.train(config, workdir)
-  loop = runner.Stats.of(_loop_windows(workdir, batch_size))
+  loop = runner.Stats.of(_loop_windows(workdir))
   time_bare()
   baseline = runner.Stats.of(samples)
   cores = runner.core_count()
