@@ -9,8 +9,8 @@ import os
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from wikitopics_jax import manifest as manifest_lib
-from wikitopics_jax import records
+from wikitopics_jax.data import manifest as manifest_lib
+from wikitopics_jax.data import records
 from wikitopics_jax import taxonomy as taxonomy_lib
 
 

@@ -10,7 +10,7 @@ import os
 
 from PIL import Image
 
-from wikitopics_jax import wit
+from wikitopics_jax.data import wit
 
 LEAVES = ("Animals", "Architecture", "Art", "Food", "Maps & Flags", "People", "Plants", "Sports")
 

@@ -6,7 +6,7 @@ import grain
 import numpy as np
 import pytest
 
-from wikitopics_jax import augment
+from wikitopics_jax.data import augment
 
 
 def _image(size=9, seed=0):
@@ -128,7 +128,7 @@ def test_numpy_affine_agrees_with_scipy_order_1():
 @pytest.mark.parametrize("border", augment.BORDER_MODES)
 def test_device_affine_matches_numpy(border):
   import jax  # pylint: disable=import-outside-toplevel
-  from wikitopics_jax import augment_device  # pylint: disable=import-outside-toplevel
+  from wikitopics_jax.data import augment_device  # pylint: disable=import-outside-toplevel
   images = _batch()
   rng = np.random.default_rng(1)
   # Large turns and shifts so every example samples outside the image (the border mode matters).
@@ -146,7 +146,7 @@ def test_device_affine_matches_numpy(border):
 
 def test_device_naive_matches_numpy_with_same_parameters():
   import jax  # pylint: disable=import-outside-toplevel
-  from wikitopics_jax import augment_device  # pylint: disable=import-outside-toplevel
+  from wikitopics_jax.data import augment_device  # pylint: disable=import-outside-toplevel
   recipe = augment.NaiveAugment()
   images = _batch()
   keys = augment_device.example_keys(3, np.arange(8, dtype=np.uint32))
@@ -165,7 +165,7 @@ def test_device_naive_matches_numpy_with_same_parameters():
 
 def test_device_duplicate_matches_numpy_with_same_parameters():
   import jax  # pylint: disable=import-outside-toplevel
-  from wikitopics_jax import augment_device  # pylint: disable=import-outside-toplevel
+  from wikitopics_jax.data import augment_device  # pylint: disable=import-outside-toplevel
   recipe = augment.DuplicateAugment()
   images = _batch()
   keys = augment_device.example_keys(4, np.arange(8, dtype=np.uint32))
@@ -193,7 +193,7 @@ def test_device_duplicate_matches_numpy_with_same_parameters():
 def _device_augment(mesh_devices, images, indices, is_duplicate, seed=5):
   import jax  # pylint: disable=import-outside-toplevel
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  from wikitopics_jax import augment_device  # pylint: disable=import-outside-toplevel
+  from wikitopics_jax.data import augment_device  # pylint: disable=import-outside-toplevel
   fn = augment_device.from_augmentations([augment.NaiveAugment(), augment.DuplicateAugment()], seed)
   sharding = NamedSharding(Mesh(np.array(mesh_devices), ("data",)), P("data"))
   jitted = jax.jit(fn, in_shardings=sharding, out_shardings=sharding)

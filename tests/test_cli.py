@@ -18,8 +18,8 @@ from PIL import Image
 
 from tests import ingest_inputs
 from wikitopics_jax import main
-from wikitopics_jax import manifest as manifest_lib
-from wikitopics_jax import wit
+from wikitopics_jax.data import manifest as manifest_lib
+from wikitopics_jax.data import wit
 from wikitopics_jax.errors import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,7 +130,7 @@ def test_ingest_refuses_flags_of_its_other_mode():
 
 
 def test_fetch_passes_its_flags(monkeypatch):
-  from wikitopics_jax import thumbnails  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.data import thumbnails  # pylint: disable=g-import-not-at-top
   calls = []
   monkeypatch.setattr(thumbnails, "run_fetch", lambda out, **kwargs: calls.append((out, kwargs)))
   with flagsaver.flagsaver():

@@ -13,9 +13,9 @@ import pytest
 
 from tests import datasets
 from wikitopics_jax import checkpointing
-from wikitopics_jax import evaluate_job
+from wikitopics_jax.eval import evaluate_job
 from wikitopics_jax import optimizers
-from wikitopics_jax import predict
+from wikitopics_jax.eval import predict
 from wikitopics_jax import trainer
 from wikitopics_jax.errors import InputError
 

@@ -14,7 +14,7 @@ from flax import nnx
 from tests import datasets
 from wikitopics_jax import checkpointing
 from wikitopics_jax import losses
-from wikitopics_jax import pipeline
+from wikitopics_jax.data import pipeline
 from wikitopics_jax import sharding
 from wikitopics_jax import steps
 from wikitopics_jax import task as task_lib

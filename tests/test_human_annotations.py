@@ -11,10 +11,10 @@ from PIL import Image
 
 pytest.importorskip("pyarrow")
 
-from wikitopics_jax import human_annotations  # pylint: disable=g-import-not-at-top,wrong-import-position
-from wikitopics_jax import labels_table  # pylint: disable=wrong-import-position
-from wikitopics_jax import manifest as manifest_lib  # pylint: disable=wrong-import-position
-from wikitopics_jax import wit  # pylint: disable=wrong-import-position
+from wikitopics_jax.data import human_annotations  # pylint: disable=g-import-not-at-top,wrong-import-position
+from wikitopics_jax.data import labels_table  # pylint: disable=wrong-import-position
+from wikitopics_jax.data import manifest as manifest_lib  # pylint: disable=wrong-import-position
+from wikitopics_jax.data import wit  # pylint: disable=wrong-import-position
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "human_annotations")
 FILES = [os.path.join(FIXTURES, "annotated_test_sample.parquet"),
@@ -83,7 +83,7 @@ def test_ingest_of_annotations_with_fetched_images(tmp_path):
   counts = dict(zip(m.taxonomy.labels, m.splits["human"].label_counts))
   assert counts["Politics"] == counts["Belief"] == 0 and counts["Fossils"] == 1
   import grain  # pylint: disable=g-import-not-at-top
-  from wikitopics_jax import records  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.data import records  # pylint: disable=g-import-not-at-top
   source = grain.sources.ArrayRecordDataSource(manifest_lib.split_paths(out, m.splits["human"]))
   examples = {e["id"]: e for e in (records.decode_record(source[i]) for i in range(len(source)))}
   # The image annotated in both files: the union of both annotations.

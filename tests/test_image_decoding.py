@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wikitopics_jax import image_decoding
-from wikitopics_jax.image_decoding import DecodeSettings
-from wikitopics_jax.image_decoding import Rejection
+from wikitopics_jax.data import image_decoding
+from wikitopics_jax.data.image_decoding import DecodeSettings
+from wikitopics_jax.data.image_decoding import Rejection
 from wikitopics_jax.errors import InputError
 
 SETTINGS = DecodeSettings(size=16)

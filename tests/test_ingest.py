@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from tests import ingest_inputs
-from wikitopics_jax import ingest
-from wikitopics_jax import manifest as manifest_lib
-from wikitopics_jax import records
+from wikitopics_jax.data import ingest
+from wikitopics_jax.data import manifest as manifest_lib
+from wikitopics_jax.data import records
 from wikitopics_jax import taxonomy as taxonomy_lib
-from wikitopics_jax import wit
+from wikitopics_jax.data import wit
 from wikitopics_jax.errors import InputError
 
 SETTINGS = ingest.IngestSettings(image_size=16, examples_per_shard=6)
@@ -177,7 +177,7 @@ def test_kaggle_inline_pixels(inputs, tmp_path):
 
 _KILLER = textwrap.dedent("""
     import json, os, signal, sys
-    from wikitopics_jax import ingest, records
+    from wikitopics_jax.data import ingest, records
     args = json.loads(sys.argv[1])
     original, calls = records.encode_example, [0]
 
@@ -229,7 +229,7 @@ def test_killed_run_resumes_to_byte_identical_shards(inputs, tmp_path):
 
 
 def test_training_pipeline_reads_the_ingested_dataset(dataset):
-  from wikitopics_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   m = manifest_lib.read(dataset)
   ds = pipeline.train_dataset(dataset, "train", batch_size=4, seed=0, hierarchical=True)
   batch = next(iter(ds))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from tests import datasets
-from wikitopics_jax import label_stats
-from wikitopics_jax import resampling
+from wikitopics_jax.eval import label_stats
+from wikitopics_jax.data import resampling
 from wikitopics_jax.errors import InputError
 
 # Images x labels (A, B, C, D); D has no positives, image 4 has no labels.

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import precision_recall_fscore_support
 
-from wikitopics_jax import labels_table
+from wikitopics_jax.data import labels_table
 from wikitopics_jax import taxonomy as taxonomy_lib
 from wikitopics_jax.errors import InputError
 from wikitopics_jax.labels import heuristics

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from wikitopics_jax import labels_table
+from wikitopics_jax.data import labels_table
 from wikitopics_jax import taxonomy as taxonomy_lib
 from wikitopics_jax.errors import InputError
 

@@ -10,8 +10,8 @@ import pytest
 
 from tests import datasets
 from wikitopics_jax import losses
-from wikitopics_jax import manifest as manifest_lib
-from wikitopics_jax import pipeline
+from wikitopics_jax.data import manifest as manifest_lib
+from wikitopics_jax.data import pipeline
 from wikitopics_jax import sharding
 from wikitopics_jax import steps
 from wikitopics_jax import task as task_lib

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from wikitopics_jax import metrics
+from wikitopics_jax.eval import metrics
 from wikitopics_jax import taxonomy
 from wikitopics_jax.errors import InputError
 

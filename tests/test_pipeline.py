@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from tests import datasets
-from wikitopics_jax import manifest as manifest_lib
-from wikitopics_jax import pipeline
-from wikitopics_jax import records
+from wikitopics_jax.data import manifest as manifest_lib
+from wikitopics_jax.data import pipeline
+from wikitopics_jax.data import records
 from wikitopics_jax import sharding
 from wikitopics_jax.errors import InputError
 
@@ -133,7 +133,7 @@ def test_train_rows_of_two_processes_form_the_single_process_global_batch(data_d
 
 
 def test_resampled_index_list_and_duplicate_augmentation(data_dir):
-  from wikitopics_jax import augment  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.data import augment  # pylint: disable=g-import-not-at-top
   truth = datasets.read_split(data_dir, "train")
   indices = np.concatenate([np.arange(0, 96, 2), [1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15]])
   is_duplicate = np.zeros(len(indices), bool)
@@ -184,7 +184,7 @@ def test_train_batches_are_those_of_grains_per_example_shuffle(data_dir):
 
 
 def test_example_info_for_device_augmentation(data_dir):
-  from wikitopics_jax import augment  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.data import augment  # pylint: disable=g-import-not-at-top
   indices = np.concatenate([np.arange(96), np.arange(0, 32)])
   is_duplicate = np.arange(128) >= 96
   kwargs = dict(seed=6, hierarchical=False, indices=indices, is_duplicate=is_duplicate)

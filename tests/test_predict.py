@@ -12,10 +12,10 @@ from PIL import Image
 
 from tests import datasets
 from tests import trained_runs
-from wikitopics_jax import evaluate_job
-from wikitopics_jax import manifest as manifest_lib
-from wikitopics_jax import predict
-from wikitopics_jax import records
+from wikitopics_jax.eval import evaluate_job
+from wikitopics_jax.data import manifest as manifest_lib
+from wikitopics_jax.eval import predict
+from wikitopics_jax.data import records
 from wikitopics_jax.errors import InputError
 
 

@@ -23,10 +23,10 @@ from flax import nnx
 
 from tests import datasets
 from wikitopics_jax import configlib
-from wikitopics_jax import manifest as manifest_lib
+from wikitopics_jax.data import manifest as manifest_lib
 from wikitopics_jax import models
-from wikitopics_jax import pipeline
-from wikitopics_jax import pretrained
+from wikitopics_jax.data import pipeline
+from wikitopics_jax.models import pretrained
 from wikitopics_jax import sharding
 from wikitopics_jax import steps
 from wikitopics_jax import task as task_lib

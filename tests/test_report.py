@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from tests import trained_runs
-from wikitopics_jax import evaluate_job
-from wikitopics_jax import manifest as manifest_lib
-from wikitopics_jax import metrics
-from wikitopics_jax import report
+from wikitopics_jax.eval import evaluate_job
+from wikitopics_jax.data import manifest as manifest_lib
+from wikitopics_jax.eval import metrics
+from wikitopics_jax.eval import report
 from sklearn import metrics as skm
 
 STEPS = [4, 8, 12]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wikitopics_jax import label_stats
-from wikitopics_jax import resampling
+from wikitopics_jax.eval import label_stats
+from wikitopics_jax.data import resampling
 from wikitopics_jax.errors import InputError
 
 A, B, C, NONE = [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]

@@ -302,7 +302,7 @@ def test_a_corrupt_latest_checkpoint_is_skipped_and_training_resumes_from_the_pr
 
 def test_evaluate_latest_skips_a_corrupt_checkpoint_and_names_the_step_it_used(
     tmp_path, data_dir, reference, capsys):
-  from wikitopics_jax import evaluate_job  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.eval import evaluate_job  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "evaluate_corrupt")
   shutil.copytree(reference, workdir)
   _damage_arrays(workdir, 8)

@@ -11,9 +11,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 from sklearn.preprocessing import StandardScaler
 
-from wikitopics_jax import manifest as manifest_lib
-from wikitopics_jax import records
-from wikitopics_jax import synthetic
+from wikitopics_jax.data import manifest as manifest_lib
+from wikitopics_jax.data import records
+from wikitopics_jax.data import synthetic
 from wikitopics_jax import taxonomy as taxonomy_lib
 from wikitopics_jax.errors import InputError
 

@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 
 from tests import datasets
-from wikitopics_jax import tfds_builder
+from wikitopics_jax.data import tfds_builder
 
 _READER = textwrap.dedent("""
     import json, sys
@@ -26,7 +26,7 @@ _READER = textwrap.dedent("""
         "len": len(source), "image": list(batch["image"].shape), "dtype": str(batch["image"].dtype),
         "labels": list(batch["labels"].shape), "ids": sorted(source[i]["id"].decode() for i in range(len(source))),
         "sum_labels": batch["labels"].sum().item(), "label_names": info.metadata["label_names"],
-        "wikitopics_imported": "wikitopics_jax.tfds_builder" in sys.modules}))
+        "wikitopics_imported": "wikitopics_jax.data.tfds_builder" in sys.modules}))
 """)
 
 

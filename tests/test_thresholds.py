@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from wikitopics_jax import evaluation
-from wikitopics_jax import metrics
+from wikitopics_jax.eval import evaluation
+from wikitopics_jax.eval import metrics
 from wikitopics_jax import taxonomy as taxonomy_lib
-from wikitopics_jax import thresholds
+from wikitopics_jax.eval import thresholds
 from wikitopics_jax.errors import InputError
 
 

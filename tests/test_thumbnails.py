@@ -17,9 +17,9 @@ import urllib.parse
 import pytest
 from PIL import Image
 
-from wikitopics_jax import image_decoding
-from wikitopics_jax import thumbnails
-from wikitopics_jax import wit
+from wikitopics_jax.data import image_decoding
+from wikitopics_jax.data import thumbnails
+from wikitopics_jax.data import wit
 from wikitopics_jax.errors import InputError
 
 USER_AGENT = "wikitopics-tests/0.1 (https://example.org/wikitopics; tests@example.org)"

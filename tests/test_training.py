@@ -12,7 +12,7 @@ from sklearn.metrics import average_precision_score
 
 from tests import datasets
 from wikitopics_jax import checkpointing
-from wikitopics_jax import evaluate_job
+from wikitopics_jax.eval import evaluate_job
 from wikitopics_jax import trainer
 from wikitopics_jax.errors import InputError
 
@@ -65,7 +65,9 @@ def test_train_evaluate_and_keep_the_best_checkpoint(tmp_path, data_dir):
 def test_metrics_in_results_match_sklearn(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(tiny_config(data_dir, num_epochs=1), workdir)
-  from wikitopics_jax import evaluation, steps, task as task_lib, manifest as manifest_lib, sharding
+  from wikitopics_jax import steps, task as task_lib, sharding
+  from wikitopics_jax.data import manifest as manifest_lib
+  from wikitopics_jax.eval import evaluation
   config = evaluate_job.load_workdir_config(workdir)
   manifest = manifest_lib.read(data_dir)
   task = task_lib.build(config, manifest, total_steps=4)

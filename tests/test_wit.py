@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from wikitopics_jax import wit
+from wikitopics_jax.data import wit
 from wikitopics_jax.errors import InputError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "wit_sample")

@@ -17,7 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.dir = "data/synthetic-64px"
   # generate_synthetic: generate the embedded synthetic dataset into data.dir first (reused if
-  # present), with data.synthetic's keys as the arguments of wikitopics_jax.synthetic.generate.
+  # present), with data.synthetic's keys as the arguments of wikitopics_jax.data.synthetic.generate.
   # False (real data): data.dir must already hold a dataset (`wikitopics ingest`).
   c.data.generate_synthetic = True
   c.data.synthetic = ml_collections.ConfigDict({"num_images": 20000, "image_size": 64, "seed": 0})
@@ -27,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.threshold_split = "threshold"
   c.data.test_split = "test"
   c.data.worker_count = 0             # Grain worker processes (0 = in the training process)
-  # Resampling of the training split as an index transformation (wikitopics_jax/resampling.py):
+  # Resampling of the training split as an index transformation (wikitopics_jax/data/resampling.py):
   # method "none", "heuristic_under" (keep_fraction), "heuristic_over" (extra_fraction), "ml_rus",
   # "ml_ros"; computed on the labels the model trains on (flat or hierarchical).
   c.data.resampling = ml_collections.ConfigDict(
@@ -108,7 +108,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   skipped (the jobs default them).
   """
   from wikitopics_jax import optimizers  # pylint: disable=g-import-not-at-top
-  from wikitopics_jax import resampling  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.data import resampling  # pylint: disable=g-import-not-at-top
   for path, names in (("model.name", models.MODELS), ("loss.name", losses.LOSSES),
                       ("optimizer.name", optimizers.OPTIMIZERS),
                       ("schedule.name", optimizers.SCHEDULES),

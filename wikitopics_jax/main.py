@@ -198,7 +198,7 @@ def _train():
 
 
 def _evaluate():
-  from wikitopics_jax import evaluate_job  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.eval import evaluate_job  # pylint: disable=g-import-not-at-top
   kwargs = dict(split=_SPLIT.value or "test", config_override=_CONFIG.value,
                 thresholds=_THRESHOLDS.value, ema=_EMA.value)
   if _WATCH.value:
@@ -209,7 +209,7 @@ def _evaluate():
 
 
 def _predict():
-  from wikitopics_jax import predict  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.eval import predict  # pylint: disable=g-import-not-at-top
   run = predict.predict(
       _required(_WORKDIR, "predict"), out_path=_required(bench_cli.OUT_FLAG, "predict"),
       images_dir=_IMAGES_DIR.value, data_dir=_DATA_DIR.value,
@@ -221,7 +221,7 @@ def _predict():
 
 
 def _report():
-  from wikitopics_jax import report  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.eval import report  # pylint: disable=g-import-not-at-top
   out = bench_cli.OUT_FLAG.value if bench_cli.OUT_FLAG.present else None
   path = report.build_report(_required(_WORKDIR, "report"), split=_SPLIT.value or "test",
                              checkpoint=_CHECKPOINT.value, out_dir=out, config_override=_CONFIG.value)
@@ -229,7 +229,7 @@ def _report():
 
 
 def _generate():
-  from wikitopics_jax import synthetic  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   out = _required(_DATA_DIR, "generate")
   manifest = synthetic.generate(out, num_images=_NUM_IMAGES.value, image_size=_IMAGE_SIZE.value,
                                 seed=_SEED.value, label_noise=_LABEL_NOISE.value)
@@ -248,7 +248,7 @@ def _ingest():
                        f"{'with' if human else 'without'} --human_annotations")
   if not human:
     _required(_LABELS, "ingest")
-  from wikitopics_jax import human_annotations, ingest  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.data import human_annotations, ingest  # pylint: disable=g-import-not-at-top
   if human:
     manifest = human_annotations.run_human_ingest(
         data_dir, annotations=_files(_HUMAN.value), image_dirs=_IMAGE_DIRS.value,
@@ -271,7 +271,7 @@ def _ingest():
 
 
 def _fetch():
-  from wikitopics_jax import thumbnails  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.data import thumbnails  # pylint: disable=g-import-not-at-top
   report = thumbnails.run_fetch(_required(bench_cli.OUT_FLAG, "fetch"), width=_WIDTH.value,
                                 user_agent=_required(_USER_AGENT, "fetch"),
                                 labels=_files(_LABELS.value), wit_tsv=_files(_WIT_TSV.value),
@@ -282,7 +282,7 @@ def _fetch():
 
 
 def _stats():
-  from wikitopics_jax import label_stats  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.eval import label_stats  # pylint: disable=g-import-not-at-top
   data_dir = _required(_DATA_DIR, "stats")
   split = _SPLIT.value or "train"
   method, params = _resampling_spec(_RESAMPLING.value) if _RESAMPLING.value else (None, {})
@@ -314,7 +314,7 @@ def _stats():
 
 def _resampling_spec(spec: str) -> tuple[str, dict]:
   """--resampling=METHOD[:FRACTION] -> (METHOD, its keep/extra fraction parameter), checked."""
-  from wikitopics_jax import resampling  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.data import resampling  # pylint: disable=g-import-not-at-top
   from wikitopics_jax.errors import InputError  # pylint: disable=g-import-not-at-top
   method, _, fraction = spec.partition(":")
   resampler = resampling.RESAMPLERS.get(method)  # Unknown names fail here, listing the valid ones.
@@ -331,8 +331,8 @@ def _resampling_spec(spec: str) -> tuple[str, dict]:
 
 def _resampled_stats(data_dir: str, split: str, method: str, params: dict) -> dict:
   """{"flat": stats, "hierarchical": stats} of the split after resampling."""
-  from wikitopics_jax import label_stats  # pylint: disable=g-import-not-at-top
-  from wikitopics_jax import resampling  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.eval import label_stats  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.data import resampling  # pylint: disable=g-import-not-at-top
   flat, hier, manifest = label_stats.read_split_labels(data_dir, split)
   names = list(manifest.taxonomy.labels)
   # Each label kind is resampled on its own labels, as training on that kind would.

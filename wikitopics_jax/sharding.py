@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from wikitopics_jax import pipeline
+from wikitopics_jax.data import pipeline
 from wikitopics_jax.errors import InputError
 
 DATA_AXIS = "data"

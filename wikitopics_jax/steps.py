@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from wikitopics_jax import optimizers
-from wikitopics_jax import pipeline
+from wikitopics_jax.data import pipeline
 
 
 def make_train_step(task, *, state_sharding, batch_sharding, replicated_sharding,

@@ -17,10 +17,10 @@ import optax
 from flax import nnx
 
 from wikitopics_jax import losses
-from wikitopics_jax import manifest as manifest_lib
+from wikitopics_jax.data import manifest as manifest_lib
 from wikitopics_jax import models
 from wikitopics_jax import optimizers
-from wikitopics_jax import pretrained
+from wikitopics_jax.models import pretrained
 from wikitopics_jax.errors import InputError
 
 

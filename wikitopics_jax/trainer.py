@@ -22,21 +22,21 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from wikitopics_jax import augment
-from wikitopics_jax import augment_device
+from wikitopics_jax.data import augment
+from wikitopics_jax.data import augment_device
 from wikitopics_jax import checkpointing
-from wikitopics_jax import evaluation
-from wikitopics_jax import label_stats
-from wikitopics_jax import manifest as manifest_lib
+from wikitopics_jax.eval import evaluation
+from wikitopics_jax.eval import label_stats
+from wikitopics_jax.data import manifest as manifest_lib
 from wikitopics_jax import metric_writer
-from wikitopics_jax import metrics as metrics_lib
-from wikitopics_jax import pipeline
-from wikitopics_jax import resampling
+from wikitopics_jax.eval import metrics as metrics_lib
+from wikitopics_jax.data import pipeline
+from wikitopics_jax.data import resampling
 from wikitopics_jax import sharding as sharding_lib
 from wikitopics_jax import steps as steps_lib
-from wikitopics_jax import synthetic
+from wikitopics_jax.data import synthetic
 from wikitopics_jax import task as task_lib
-from wikitopics_jax import thresholds as thresholds_lib
+from wikitopics_jax.eval import thresholds as thresholds_lib
 from wikitopics_jax.errors import InputError
 
 THRESHOLDS_FILE = "thresholds.json"

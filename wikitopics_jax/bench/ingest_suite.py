@@ -24,9 +24,9 @@ import tempfile
 import numpy as np
 from PIL import Image
 
-from wikitopics_jax import ingest
+from wikitopics_jax.data import ingest
 from wikitopics_jax import taxonomy as taxonomy_lib
-from wikitopics_jax import wit
+from wikitopics_jax.data import wit
 from wikitopics_jax.bench import runner
 
 SUITE = "ingest"

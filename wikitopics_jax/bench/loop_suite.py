@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from wikitopics_jax import augment_device
+from wikitopics_jax.data import augment_device
 from wikitopics_jax import configlib
-from wikitopics_jax import manifest as manifest_lib
-from wikitopics_jax import pipeline
+from wikitopics_jax.data import manifest as manifest_lib
+from wikitopics_jax.data import pipeline
 from wikitopics_jax import sharding as sharding_lib
 from wikitopics_jax import steps as steps_lib
-from wikitopics_jax import synthetic
+from wikitopics_jax.data import synthetic
 from wikitopics_jax import task as task_lib
 from wikitopics_jax import trainer
 from wikitopics_jax.bench import runner

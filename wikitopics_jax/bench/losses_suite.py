@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wikitopics_jax import losses
-from wikitopics_jax import synthetic
+from wikitopics_jax.data import synthetic
 from wikitopics_jax import taxonomy as taxonomy_lib
 from wikitopics_jax.bench import numpy_losses
 from wikitopics_jax.bench import runner

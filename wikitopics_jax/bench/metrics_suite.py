@@ -16,8 +16,8 @@ import warnings
 
 import numpy as np
 
-from wikitopics_jax import metrics
-from wikitopics_jax import synthetic
+from wikitopics_jax.eval import metrics
+from wikitopics_jax.data import synthetic
 from wikitopics_jax.bench import runner
 
 SUITE = "metrics"

@@ -37,8 +37,8 @@ import numpy as np
 
 from wikitopics_jax import configlib
 from wikitopics_jax import host_allocator
-from wikitopics_jax import manifest as manifest_lib
-from wikitopics_jax import pipeline
+from wikitopics_jax.data import manifest as manifest_lib
+from wikitopics_jax.data import pipeline
 from wikitopics_jax import sharding as sharding_lib
 from wikitopics_jax import steps
 from wikitopics_jax import task as task_lib

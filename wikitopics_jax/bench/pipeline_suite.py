@@ -33,11 +33,11 @@ import time
 import grain
 import numpy as np
 
-from wikitopics_jax import augment
-from wikitopics_jax import manifest as manifest_lib
-from wikitopics_jax import pipeline
-from wikitopics_jax import records
-from wikitopics_jax import synthetic
+from wikitopics_jax.data import augment
+from wikitopics_jax.data import manifest as manifest_lib
+from wikitopics_jax.data import pipeline
+from wikitopics_jax.data import records
+from wikitopics_jax.data import synthetic
 from wikitopics_jax.bench import runner
 
 SUITE = "pipeline"

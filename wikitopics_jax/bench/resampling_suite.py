@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from wikitopics_jax import resampling
-from wikitopics_jax import synthetic
+from wikitopics_jax.data import resampling
+from wikitopics_jax.data import synthetic
 from wikitopics_jax.bench import runner
 
 SUITE = "resampling"

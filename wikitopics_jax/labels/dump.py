@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from wikitopics_jax import wit
+from wikitopics_jax.data import wit
 from wikitopics_jax.errors import InputError
 from wikitopics_jax.labels import graph as graph_lib
 
@@ -513,7 +513,7 @@ def build_outputs(parts_dir: str, out_dir: str, *, wanted: Sequence[str] | None 
 def wanted_titles(wit_tsv: Sequence[str] = (), labels: Sequence[str] = ()) -> list[str]:
   """Commons file titles of English WIT rows and of labels tables (the prototype's selection:
   language 'en', '/commons/' URLs)."""
-  from wikitopics_jax import labels_table  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.data import labels_table  # pylint: disable=g-import-not-at-top
   titles = set()
   for path in wit_tsv:
     for row in wit.iter_rows(path):

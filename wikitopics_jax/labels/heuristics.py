@@ -271,7 +271,7 @@ def write_labels_table(labeller: Labeller, files_path: str, out_path: str, *,
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
-  from wikitopics_jax import wit  # pylint: disable=g-import-not-at-top
+  from wikitopics_jax.data import wit  # pylint: disable=g-import-not-at-top
   if not out_path.endswith(".parquet"):
     raise InputError(f"{out_path}: the labels table is written as Parquet; name it *.parquet")
   try:

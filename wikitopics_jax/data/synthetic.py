@@ -53,8 +53,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from wikitopics_jax import manifest as manifest_lib
-from wikitopics_jax import records
+from wikitopics_jax.data import manifest as manifest_lib
+from wikitopics_jax.data import records
 from wikitopics_jax import taxonomy as taxonomy_lib
 from wikitopics_jax.errors import InputError
 

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
-from wikitopics_jax import manifest as manifest_lib
-from wikitopics_jax import records
+from wikitopics_jax.data import manifest as manifest_lib
+from wikitopics_jax.data import records
 
 # ImageNet statistics: keeps inputs in the range pretrained EfficientNets expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

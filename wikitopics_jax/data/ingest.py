@@ -74,13 +74,13 @@ import PIL
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
-from wikitopics_jax import image_decoding
-from wikitopics_jax import labels_table
-from wikitopics_jax import manifest as manifest_lib
+from wikitopics_jax.data import image_decoding
+from wikitopics_jax.data import labels_table
+from wikitopics_jax.data import manifest as manifest_lib
 from wikitopics_jax import progress as progress_lib
-from wikitopics_jax import records
+from wikitopics_jax.data import records
 from wikitopics_jax import taxonomy as taxonomy_lib
-from wikitopics_jax import wit
+from wikitopics_jax.data import wit
 from wikitopics_jax.errors import InputError
 
 # Bump when the same inputs and settings would give other bytes: it is part of the resume check.

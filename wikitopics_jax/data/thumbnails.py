@@ -63,10 +63,10 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from wikitopics_jax import image_decoding
-from wikitopics_jax import labels_table
+from wikitopics_jax.data import image_decoding
+from wikitopics_jax.data import labels_table
 from wikitopics_jax import progress as progress_lib
-from wikitopics_jax import wit
+from wikitopics_jax.data import wit
 from wikitopics_jax.errors import InputError
 
 FAILURES_LOG = "fetch_failures.jsonl"

@@ -52,8 +52,8 @@ import numpy as np
 from matplotlib import colors as mpl_colors
 from matplotlib.figure import Figure
 
-from wikitopics_jax import manifest as manifest_lib
-from wikitopics_jax import records
+from wikitopics_jax.data import manifest as manifest_lib
+from wikitopics_jax.data import records
 from wikitopics_jax.errors import InputError
 
 # Records read per ArrayRecord batch request in `read_split_labels`.

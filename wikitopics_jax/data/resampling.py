@@ -70,7 +70,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from wikitopics_jax import label_stats
+from wikitopics_jax.eval import label_stats
 from wikitopics_jax import registry
 from wikitopics_jax.errors import InputError
 

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from wikitopics_jax import augment
+from wikitopics_jax.data import augment
 
 Params = dict[str, jax.Array]
 Stage = augment.NaiveAugment | augment.DuplicateAugment

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from wikitopics_jax import metrics
+from wikitopics_jax.eval import metrics
 from wikitopics_jax.errors import InputError
 
 DEFAULT_FALLBACK = 0.5

@@ -36,9 +36,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from wikitopics_jax import ingest
-from wikitopics_jax import labels_table
-from wikitopics_jax import manifest as manifest_lib
+from wikitopics_jax.data import ingest
+from wikitopics_jax.data import labels_table
+from wikitopics_jax.data import manifest as manifest_lib
 from wikitopics_jax import taxonomy as taxonomy_lib
 from wikitopics_jax.errors import InputError
 

@@ -29,8 +29,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from wikitopics_jax import manifest as manifest_lib
-from wikitopics_jax import records
+from wikitopics_jax.data import manifest as manifest_lib
+from wikitopics_jax.data import records
 from wikitopics_jax.errors import InputError
 
 NAME = "wikitopics"

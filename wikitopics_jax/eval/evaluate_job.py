@@ -39,13 +39,13 @@ import ml_collections
 import numpy as np
 
 from wikitopics_jax import checkpointing
-from wikitopics_jax import evaluation
-from wikitopics_jax import manifest as manifest_lib
-from wikitopics_jax import metrics as metrics_lib
+from wikitopics_jax.eval import evaluation
+from wikitopics_jax.data import manifest as manifest_lib
+from wikitopics_jax.eval import metrics as metrics_lib
 from wikitopics_jax import sharding as sharding_lib
 from wikitopics_jax import steps as steps_lib
 from wikitopics_jax import task as task_lib
-from wikitopics_jax import thresholds as thresholds_lib
+from wikitopics_jax.eval import thresholds as thresholds_lib
 from wikitopics_jax import trainer
 from wikitopics_jax.errors import InputError
 

@@ -390,7 +390,7 @@ def checkpoint_path(variant: str) -> str:
 
 
 def cache_dir() -> str:
-  """$WIKITOPICS_JAX_CACHE/pretrained, or ~/.cache/wikitopics_jax/pretrained."""
+  """$WIKITOPICS_JAX_CACHE/pretrained, or ~/.cache/wikitopics_jax/models/pretrained."""
   root = os.environ.get("WIKITOPICS_JAX_CACHE") or os.path.join(
       os.path.expanduser("~"), ".cache", "wikitopics_jax")
   return os.path.join(root, "pretrained")

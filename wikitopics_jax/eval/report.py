@@ -46,12 +46,12 @@ from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
 
-from wikitopics_jax import evaluate_job
-from wikitopics_jax import evaluation
-from wikitopics_jax import manifest as manifest_lib
-from wikitopics_jax import metrics as metrics_lib
-from wikitopics_jax import records
-from wikitopics_jax import thresholds as thresholds_lib
+from wikitopics_jax.eval import evaluate_job
+from wikitopics_jax.eval import evaluation
+from wikitopics_jax.data import manifest as manifest_lib
+from wikitopics_jax.eval import metrics as metrics_lib
+from wikitopics_jax.data import records
+from wikitopics_jax.eval import thresholds as thresholds_lib
 from wikitopics_jax import trainer
 
 FIGURES_DIR = "figures"

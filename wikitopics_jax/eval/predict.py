@@ -51,14 +51,14 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from wikitopics_jax import evaluate_job
-from wikitopics_jax import evaluation
+from wikitopics_jax.eval import evaluate_job
+from wikitopics_jax.eval import evaluation
 from wikitopics_jax import hierarchy
-from wikitopics_jax import image_decoding
-from wikitopics_jax import manifest as manifest_lib
-from wikitopics_jax import records
+from wikitopics_jax.data import image_decoding
+from wikitopics_jax.data import manifest as manifest_lib
+from wikitopics_jax.data import records
 from wikitopics_jax import sharding as sharding_lib
-from wikitopics_jax import thresholds as thresholds_lib
+from wikitopics_jax.eval import thresholds as thresholds_lib
 from wikitopics_jax import trainer
 from wikitopics_jax.errors import InputError
 

@@ -11,10 +11,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from wikitopics_jax import metrics as metrics_lib
-from wikitopics_jax import pipeline
+from wikitopics_jax.eval import metrics as metrics_lib
+from wikitopics_jax.data import pipeline
 from wikitopics_jax import sharding as sharding_lib
-from wikitopics_jax import thresholds as thresholds_lib
+from wikitopics_jax.eval import thresholds as thresholds_lib
 from wikitopics_jax.errors import InputError
 
 # What a closed rule's predictions change in a `metrics.evaluate_predictions` result; the rest
