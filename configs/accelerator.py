@@ -23,6 +23,7 @@ SETTINGS = {
 }
 
 
+@configlib.loss_argument
 def get_config(arg=None):
   if arg not in SETTINGS:
     raise ValueError(f"configs/accelerator.py:{arg}: valid settings: {sorted(SETTINGS)}")

@@ -1,6 +1,7 @@
 r"""The demo: train and evaluate on the embedded synthetic dataset, on a laptop CPU.
 
   wikitopics train --config configs/demo.py --workdir workdir/demo
+  wikitopics train --config configs/demo.py:loss=focal --workdir workdir/focal --config.loss.gamma=3
 
 Generates 20,000 synthetic 32x32 images with WIT's long-tailed label distribution (about 10 s, reused
 afterwards), trains a width/depth-halved EfficientNet-B0 with the thesis head for 15 epochs (the thesis's count) with Adam
@@ -11,6 +12,7 @@ the test split. Expected runtime: about 5 minutes on 2 CPU cores (see README for
 from wikitopics_jax import configlib
 
 
+@configlib.loss_argument
 def get_config(arg=None):
   del arg
   c = configlib.base_config()

@@ -4,7 +4,9 @@ r"""The thesis's experiments (Bernat 2023, Tables 4.1-4.6 and 5.1) and a few ext
   wikitopics train --config=configs/experiments.py:table4_3_focal:smoke --workdir=workdir/smoke/...
 
 The argument is a row name (see `ROWS`), optionally followed by ":smoke". config_flags splits the
-`--config` value at its first colon only, so "table4_3_focal:smoke" reaches `get_config` whole.
+`--config` value at its first colon only, so "table4_3_focal:smoke" reaches `get_config` whole. As in
+every config file, a further ":loss=<name>" part replaces the row's loss by that loss with its defaults
+(`configlib.loss_argument`), e.g. "table4_2_undersampling:smoke:loss=focal".
 
 Scales:
 - full (no suffix): the thesis's setup (section 3.2.1), as configs/thesis_b2_64.py: EfficientNet-B2 at
@@ -50,6 +52,8 @@ from typing import NamedTuple
 
 import ml_collections
 
+from wikitopics_jax import configlib
+from wikitopics_jax import losses
 
 SMOKE_SUFFIX = ":smoke"
 SMOKE_EPOCHS = 4
@@ -99,7 +103,7 @@ def flat_data(c: ml_collections.ConfigDict) -> None:
 
 def chmcnn(c: ml_collections.ConfigDict) -> None:
   """The hierarchical model: C-HMCNN's MCLoss/MCM with R from the dataset's taxonomy (thesis 3.2.2)."""
-  c.loss.name = "chmcnn"
+  c.loss = losses.config("chmcnn")
 
 
 def naive_augmentation(c: ml_collections.ConfigDict) -> None:
@@ -121,28 +125,28 @@ def heuristic_oversampling_augmented(c: ml_collections.ConfigDict) -> None:
 
 
 def focal(c: ml_collections.ConfigDict) -> None:
-  c.loss.name = "focal"
-  c.loss.gamma = 2.0
+  """Focal loss with the thesis's gamma 2, without alpha (thesis eq. 2.2)."""
+  c.loss = losses.config("focal", gamma=2.0)
 
 
 def class_weights(c: ml_collections.ConfigDict) -> None:
   """Thesis eqs. 2.6-2.7 ("class weights")."""
-  c.loss.name = "class_weighted_bce"
+  c.loss = losses.config("class_weighted_bce")
 
 
 def pos_weights(c: ml_collections.ConfigDict) -> None:
   """Thesis eqs. 2.8-2.9 (its "sample weights")."""
-  c.loss.name = "pos_weighted_bce"
+  c.loss = losses.config("pos_weighted_bce")
 
 
 def asl(c: ml_collections.ConfigDict) -> None:
   """Asymmetric loss (Ridnik et al. 2021) with its defaults."""
-  c.loss.name = "asl"
+  c.loss = losses.config("asl")
 
 
 def distribution_balanced(c: ml_collections.ConfigDict) -> None:
   """Distribution-balanced loss (Wu et al. 2020) with its VOC-MLT defaults."""
-  c.loss.name = "distribution_balanced"
+  c.loss = losses.config("distribution_balanced")
 
 
 def cosine_schedule(c: ml_collections.ConfigDict) -> None:
@@ -395,6 +399,7 @@ def parse_arg(arg: str | None) -> tuple[str, bool]:
   return name, smoke
 
 
+@configlib.loss_argument
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   name, smoke = parse_arg(arg)
   return ROWS[name].build(smoke=smoke)

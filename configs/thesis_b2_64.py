@@ -13,6 +13,7 @@ table), impractical on a laptop CPU. On the synthetic data (default here) it run
 from wikitopics_jax import configlib
 
 
+@configlib.loss_argument
 def get_config(arg=None):
   del arg
   c = configlib.base_config()

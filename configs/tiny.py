@@ -9,6 +9,7 @@ The argument is the dataset directory (no synthetic generation). Expected runtim
 from wikitopics_jax import configlib
 
 
+@configlib.loss_argument
 def get_config(arg=None):
   c = configlib.base_config()
   c.data.dir = arg or "data/synthetic-32px"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Local training + a second process evaluating each new checkpoint as it is written.
 #   launch/local.sh CONFIG WORKDIR [--config.key=value ...]
-# Example: launch/local.sh configs/demo.py workdir/demo --config.loss.name=focal
+# Example: launch/local.sh configs/demo.py:loss=focal workdir/demo --config.loss.gamma=3
 set -euo pipefail
 config=${1:?config file}; workdir=${2:?workdir}; shift 2
 wikitopics=${WIKITOPICS:-wikitopics}

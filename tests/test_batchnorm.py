@@ -1,4 +1,4 @@
-"""The fused BatchNorm+activation (train mode, CPU) against nnx.BatchNorm followed by jax.nn's
+"""The xla_cpu fused BatchNorm+activation (train mode) against nnx.BatchNorm followed by jax.nn's
 activation under JAX's autodiff: outputs, gradients and running statistics, also on a batch sharded
 over 8 fake devices; and the fused sums against NumPy."""
 
@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from wikitopics_jax import sharding
-from wikitopics_jax.models import batchnorm, reductions
+from wikitopics_jax.models import efficientnet, xla_cpu
+from wikitopics_jax.models.xla_cpu import batchnorm, reductions
 
 REFERENCE_ACTIVATIONS = {"swish": jax.nn.silu, "relu6": jax.nn.relu6, "identity": lambda y: y}
 CHANNELS = 6
@@ -31,10 +32,11 @@ def fused_calls(monkeypatch):
   return calls
 
 
-def _layers(dtype, **extra):
-  """Our BatchNorm and a plain nnx.BatchNorm with the same (non-trivial) scale, bias and stats."""
+def _layers(dtype, activation="swish", **extra):
+  """Our fused BatchNorm + `activation` and a plain nnx.BatchNorm with the same (non-trivial) scale,
+  bias and stats."""
   kwargs = dict(momentum=0.9, epsilon=1e-3, dtype=dtype, param_dtype=jnp.float32, **extra)
-  ours = batchnorm.BatchNorm(CHANNELS, impl="fused", rngs=nnx.Rngs(0), **kwargs)
+  ours = batchnorm.BatchNormActivation(CHANNELS, activation=activation, rngs=nnx.Rngs(0), **kwargs)
   reference = nnx.BatchNorm(CHANNELS, rngs=nnx.Rngs(0), **kwargs)
   for layer in (ours, reference):
     layer.scale[...] = jnp.linspace(-1.5, 2.0, CHANNELS)
@@ -67,15 +69,14 @@ def _relative_errors(got, expected):
           for key in expected}
 
 
-@pytest.mark.parametrize("activation", sorted(batchnorm.ACTIVATIONS))
+@pytest.mark.parametrize("activation", sorted(batchnorm.DERIVATIVES))
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 2e-6), (jnp.bfloat16, 3e-2)])
 def test_fused_train_mode_matches_nnx_batchnorm_and_autodiff(activation, dtype, tolerance,
                                                              fused_calls):
-  ours, reference = _layers(dtype)
+  ours, reference = _layers(dtype, activation)
   x, weights = _inputs()
   x = x.astype(dtype)
-  got = _value_and_grads(ours, x, weights,
-                         lambda layer, x: layer.normalize_and_activate(x, activation))
+  got = _value_and_grads(ours, x, weights, lambda layer, x: layer(x))
   expected = _value_and_grads(reference, x, weights,
                               lambda layer, x: REFERENCE_ACTIVATIONS[activation](layer(x)))
   assert fused_calls == [activation]
@@ -89,13 +90,12 @@ def test_fused_train_mode_matches_nnx_batchnorm_and_autodiff(activation, dtype, 
 
 def test_bf16_relu6_gradient_is_zero_where_the_output_rounds_to_6(fused_calls):
   """Pre-activations in [5.98, 6) round to 6 in bf16, where relu6's gradient is 0 (as nnx's)."""
-  ours, reference = _layers(jnp.bfloat16)
+  ours, reference = _layers(jnp.bfloat16, "relu6")
   for layer in (ours, reference):
     layer.scale[...] = jnp.full(CHANNELS, 1e-3)
     layer.bias[...] = jnp.full(CHANNELS, 5.99)
   x, weights = _inputs()
-  got = _value_and_grads(ours, x.astype(jnp.bfloat16), weights,
-                         lambda layer, x: layer.normalize_and_activate(x, "relu6"))
+  got = _value_and_grads(ours, x.astype(jnp.bfloat16), weights, lambda layer, x: layer(x))
   expected = _value_and_grads(reference, x.astype(jnp.bfloat16), weights,
                               lambda layer, x: jax.nn.relu6(layer(x)))
   assert fused_calls == ["relu6"]
@@ -110,13 +110,13 @@ def test_constant_channel_and_slow_variance(fused_calls):
   x, weights = _inputs()
   x = x.at[..., 2].set(3.25)
   ours, reference = _layers(jnp.float32)
-  got = _value_and_grads(ours, x, weights, lambda layer, x: layer.normalize_and_activate(x, "swish"))
+  got = _value_and_grads(ours, x, weights, lambda layer, x: layer(x))
   expected = _value_and_grads(reference, x, weights, lambda layer, x: jax.nn.silu(layer(x)))
   assert fused_calls == ["swish"]
   errors = _relative_errors(got, expected)
   assert max(errors.values()) < 2e-6, errors
   ours, reference = _layers(jnp.float32, use_fast_variance=False)
-  got = _value_and_grads(ours, x, weights, lambda layer, x: layer.normalize_and_activate(x, "swish"))
+  got = _value_and_grads(ours, x, weights, lambda layer, x: layer(x))
   expected = _value_and_grads(reference, x, weights, lambda layer, x: jax.nn.silu(layer(x)))
   assert fused_calls == ["swish"]  # No second call: the slow variance is nnx's.
   for key in expected:
@@ -129,11 +129,11 @@ def test_eval_and_frozen_use_running_statistics(fused_calls):
   ours.eval()
   reference.eval()
   expected = jax.nn.silu(reference(x))
-  np.testing.assert_allclose(ours.normalize_and_activate(x, "swish"), expected, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(ours(x), expected, rtol=1e-6, atol=1e-6)
   ours.train()
   ours.frozen = True
   before = np.asarray(ours.mean[...]), np.asarray(ours.var[...])
-  np.testing.assert_allclose(ours.normalize_and_activate(x, "swish"), expected, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(ours(x), expected, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(ours.mean[...], before[0])
   np.testing.assert_array_equal(ours.var[...], before[1])
   assert not fused_calls
@@ -149,7 +149,7 @@ def test_statistics_are_global_when_the_batch_is_sharded(fused_calls):
   def train(graphdef, state, x, weights):
     layer = nnx.merge(graphdef, state)
     result = _value_and_grads(layer, x, weights,
-                              lambda layer, x: layer.normalize_and_activate(x, "swish"))
+                              lambda layer, x: layer(x))
     return result
 
   ours, _ = _layers(jnp.float32)
@@ -179,9 +179,11 @@ def test_channel_sums_and_tree_sum_match_numpy(shape):
                                arrays[0].astype(np.float64).sum(axis), rtol=1e-5, atol=1e-5)
 
 
-def test_tiny_model_trains_the_same_with_fused_and_nnx_batch_norm(fused_calls):
+@pytest.mark.parametrize("replaced", [("batch_norm",), xla_cpu.KINDS])
+def test_tiny_model_trains_the_same_with_xla_cpu_and_plain_layers(replaced, fused_calls):
   """One train-mode loss and its parameter gradients, and the updated statistics, of the whole tiny
-  model (swish, SE, residuals) agree between batch_norm_impl "fused" and "nnx"."""
+  model (swish, SE, residuals) agree between the plain model ("xla": nnx.BatchNorm and autodiff)
+  and the same model with the fused BatchNorm alone, then with every xla_cpu layer."""
   from wikitopics_jax import models  # pylint: disable=g-import-not-at-top
   # Batch 16: at batch 4, the tiny model's last maps (2x2) give statistics of 16 values, and changing
   # the input by one ulp moves nnx's own gradients by 1e-4 (relative); at 16 the two agree to 1e-5.
@@ -189,10 +191,12 @@ def test_tiny_model_trains_the_same_with_fused_and_nnx_batch_norm(fused_calls):
   results = {}
   for impl in ("fused", "nnx"):
     cfg = models.default_model_config()
-    cfg.update(name="efficientnet_tiny", head="gap", image_size=32, batch_norm_impl=impl,
+    cfg.update(name="efficientnet_tiny", head="gap", image_size=32, kernels="xla",
                drop_connect_rate=0.0, dropout_rate=0.0)
     model = models.create_model(cfg, num_labels=5, rngs=nnx.Rngs(params=0, dropout=1))
-    assert model.stem.bn.impl == impl
+    if impl == "fused":
+      xla_cpu.apply(model, skip=set(xla_cpu.KINDS) - set(replaced))
+    assert isinstance(model.stem.bn, batchnorm.BatchNormActivation) == (impl == "fused")
 
     @nnx.jit
     def loss_and_grads(model, x):
@@ -201,7 +205,7 @@ def test_tiny_model_trains_the_same_with_fused_and_nnx_batch_norm(fused_calls):
     loss, grads = loss_and_grads(model, x)
     results[impl] = (loss, nnx.state(grads, nnx.Param), nnx.state(model, nnx.BatchStat))
     if impl == "fused":  # Every BatchNorm of the model (stem, blocks, top) took the fused op.
-      layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, batchnorm.BatchNorm)]
+      layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, efficientnet.BatchNorm)]
       assert len(fused_calls) == len(layers) > 20
   (loss, grads, stats), (ref_loss, ref_grads, ref_stats) = results["fused"], results["nnx"]
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-4, atol=1e-4)  # float32 sums in another order.

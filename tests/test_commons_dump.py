@@ -227,6 +227,35 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     assert (resumed / name).read_bytes() == (full / name).read_bytes(), name
 
 
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+  """A real SIGKILL (no exception handler, no cleanup runs) after the fourth part, then a rerun."""
+  dump_path, index = make_multistream(FIXTURE, str(tmp_path))
+  full = tmp_path / "full"
+  dump.run_categories(dump_path, str(full), index=index, blocks_per_chunk=1, num_workers=1,
+                      log=lambda _: None)
+  killed = tmp_path / "killed"
+  script = (
+      "import os, signal\n"
+      "from wikitopics_jax.labels import dump\n"
+      "done = []\n"
+      "def on_part(part):\n"
+      "  done.append(part)\n"
+      "  if len(done) == 4:\n"
+      "    os.kill(os.getpid(), signal.SIGKILL)\n"
+      f"dump.run_categories({dump_path!r}, {str(killed)!r}, index={index!r}, blocks_per_chunk=1, "
+      "num_workers=1, on_part=on_part, log=lambda _: None)\n")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == -9, proc.stderr
+  assert not (killed / "graph.npz").exists() and not (killed / "files.parquet").exists()
+  logs = []
+  dump.run_categories(dump_path, str(killed), index=index, blocks_per_chunk=1, num_workers=1,
+                      log=logs.append)
+  assert any("4 of 9 parts done" in line for line in logs), logs
+  for name in ("graph.npz", "files.parquet"):
+    assert (killed / name).read_bytes() == (full / name).read_bytes(), name
+
+
 def test_malformed_pages_are_named(tmp_path):
   text = open(FIXTURE, encoding="utf-8").read()
   no_ns = text.replace("<ns>14</ns>\n    <id>5</id>", "<id>5</id>", 1)

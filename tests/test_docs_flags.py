@@ -33,7 +33,7 @@ _FLAG = re.compile(r"(?<![\w-])--(?P<name>[A-Za-z_][\w.]*)")
 PLACEHOLDER_OVERRIDES = {"config.key"}
 # Command lines whose overrides are only valid after the reader follows the page: docs/losses.md
 # walks through registering an example loss, then trains with it.
-TUTORIAL_OVERRIDES = {("docs/losses.md", "--config.loss.name=logit_adjusted_bce")}
+TUTORIAL_OVERRIDES = {("docs/losses.md", "--config.loss.tau=0.5")}
 
 
 def _code_regions(text: str):
@@ -78,7 +78,7 @@ def _absl_flags() -> set[str]:
 
 def _allowed(command: str) -> set[str]:
   if command == "bench-program":  # python -m wikitopics_jax.bench: bench's flags and --host_malloc.
-    return set(bench_cli.FLAG_NAMES) | {"host_malloc"} | _absl_flags()
+    return set(bench_cli.FLAG_NAMES) | {"out", "host_malloc"} | _absl_flags()
   return set(main.COMMAND_FLAGS[command]) | set(main.COMMON_FLAGS) | _absl_flags()
 
 

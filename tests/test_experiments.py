@@ -40,13 +40,30 @@ def _flat(config) -> dict:
   return out
 
 
+ABSENT = "<absent>"
+
+
 def _diff(a, b, ignore: tuple[str, ...] = ()) -> dict:
+  """Keys whose values differ, with a's value; only a loss's own keys may be in one config only."""
   fa, fb = _flat(a), _flat(b)
   for key in ignore:
     fa.pop(key, None)
     fb.pop(key, None)
-  assert fa.keys() == fb.keys()
-  return {k: fa[k] for k in fa if fa[k] != fb[k]}
+  assert all(k.startswith("loss.") for k in fa.keys() ^ fb.keys())
+  return {k: fa.get(k, ABSENT) for k in fa.keys() | fb.keys() if fa.get(k, ABSENT) != fb.get(k, ABSENT)}
+
+
+def _loss(name: str, **values) -> dict:
+  """The flattened keys of loss `name`'s config: what a row that switches the loss to it changes."""
+  defaults = {"focal": {"gamma": 2.0, "alpha": None},
+              "class_weighted_bce": {"class_weights": "auto", "positives": "auto", "num_examples": "auto"},
+              "pos_weighted_bce": {"pos_weights": "auto", "positives": "auto", "num_examples": "auto"},
+              "asl": {"gamma_neg": 4.0, "gamma_pos": 1.0, "clip": 0.05, "focusing_grad": False,
+                      "clamp_eps": 1e-8},
+              "distribution_balanced": {"positives": "auto", "num_examples": "auto", "alpha": 0.1,
+                                        "beta": 10.0, "mu": 0.3, "neg_scale": 5.0, "init_bias": 0.05,
+                                        "focal": True, "balance_param": 2.0, "gamma": 2.0}}
+  return {"loss.name": name, **{f"loss.{k}": v for k, v in {**defaults.get(name, {}), **values}.items()}}
 
 
 LITE0 = {"model.name": "efficientnet_lite0", "model.input_normalization": "lite"}
@@ -56,23 +73,23 @@ IMAGENET = {**LITE0, "init": "imagenet"}
 EXPECTED_CHANGES = {
     "baseline": {},
     "table4_1_flat_data": {"data.hierarchical": False},
-    "table4_1_chmcnn_flat_data": {"loss.name": "chmcnn", "data.hierarchical": False},
-    "table4_1_chmcnn": {"loss.name": "chmcnn"},
+    "table4_1_chmcnn_flat_data": {**_loss("chmcnn"), "data.hierarchical": False},
+    "table4_1_chmcnn": _loss("chmcnn"),
     "table4_2_naive_augmentation": {"data.augment": "naive"},
     # keep_fraction 0.8 and extra_fraction 0.2 are also the base defaults (checked below).
     "table4_2_undersampling": {"data.resampling.method": "heuristic_under"},
     "table4_2_oversampling_augmentation": {"data.resampling.method": "heuristic_over",
                                            "data.augment_duplicates": True},
-    "table4_3_focal": {"loss.name": "focal"},  # gamma 2 is focal's default (checked below)
-    "table4_3_class_weights": {"loss.name": "class_weighted_bce"},
-    "table4_3_pos_weights": {"loss.name": "pos_weighted_bce"},
+    "table4_3_focal": _loss("focal", gamma=2.0),
+    "table4_3_class_weights": _loss("class_weighted_bce"),
+    "table4_3_pos_weights": _loss("pos_weighted_bce"),
     "table4_4_imagenet": IMAGENET,
     "table4_4_random": LITE0,
     **{f"table4_5_layers_{k}": {**IMAGENET, "trainable_layers": k} for k in (0, 3, 10, 70, 100)},
     "table5_1_training_split": {**IMAGENET, "report_split": "train"},
-    "extra_asl": {"loss.name": "asl"},
-    "extra_distribution_balanced": {"loss.name": "distribution_balanced"},
-    "extra_chmcnn_imagenet": {**IMAGENET, "loss.name": "chmcnn"},
+    "extra_asl": _loss("asl"),
+    "extra_distribution_balanced": _loss("distribution_balanced"),
+    "extra_chmcnn_imagenet": {**IMAGENET, **_loss("chmcnn")},
     "extra_cosine": {"schedule.name": "cosine"},
 }
 

@@ -49,7 +49,7 @@ def _toy_task(batch_norm: bool) -> task_lib.Task:
   model.train()
   graphdef, state = nnx.split((model, optimizer))
   return task_lib.Task(train_graphdef=graphdef, eval_graphdef=graphdef, state=state,
-                       objective=losses.from_config(losses.default_config("bce"), positives=None,
+                       objective=losses.from_config(losses.config("bce"), positives=None,
                                                     num_examples=None,
                                                     ancestor_matrix=np.eye(NUM_LABELS)),
                        schedule=optax.constant_schedule(0.5), num_labels=NUM_LABELS,

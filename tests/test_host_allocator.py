@@ -56,7 +56,42 @@ def test_kept_memory_removes_the_per_call_page_faults_of_xla_temporaries():
   assert statistics.median(kept["faults"]) < 0.05 * _TEMP_PAGES
 
 
-def test_system_flag_leaves_glibc_alone():
+@pytest.fixture
+def keep_calls(monkeypatch):
+  """Records calls of keep_freed_memory instead of changing this process's allocator."""
+  calls = []
+  monkeypatch.setattr(host_allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+  return calls
+
+
+def test_system_flag_leaves_glibc_alone(keep_calls, monkeypatch):
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   with flagsaver.flagsaver(host_malloc="system"):
     assert not host_allocator.apply_flag()
-  assert flags.FLAGS["host_malloc"].default == "keep"
+  assert not keep_calls
+  assert flags.FLAGS["host_malloc"].default == "auto"
+
+
+@pytest.mark.parametrize("platforms, plugins, expected", [
+    ("cpu", ("libtpu",), True),        # JAX_PLATFORMS decides, plugins or not.
+    ("tpu,cpu", (), False),
+    ("cuda", (), False),
+    ("", (), True),                    # Unset: no accelerator plugin, the CPU backend.
+    ("", ("libtpu",), False),
+    ("", ("jax_plugins",), False),
+])
+def test_auto_keeps_freed_memory_on_the_cpu_backend_only(platforms, plugins, expected, keep_calls,
+                                                         monkeypatch):
+  if platforms:
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+  else:
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.setattr(host_allocator.importlib.util, "find_spec",
+                      lambda name: object() if name in plugins else None)
+  assert host_allocator.cpu_backend_expected() == expected
+  with flagsaver.flagsaver(host_malloc="auto"):
+    assert host_allocator.apply_flag() == expected
+  assert len(keep_calls) == int(expected)
+  with flagsaver.flagsaver(host_malloc="keep"):  # Opt-in on any backend.
+    assert host_allocator.apply_flag()
+  assert len(keep_calls) == int(expected) + 1

@@ -31,12 +31,12 @@ def data_dir(tmp_path_factory):
 @pytest.mark.parametrize("name", losses.names())
 def test_every_loss_trains(data_dir, name):
   config = tiny.get_config(data_dir)
-  config.loss.name = name
+  config.loss = losses.config(name)
   config.batch_size = 16
   manifest = manifest_lib.read(data_dir)
   task = task_lib.build(config, manifest, total_steps=4)
   mesh = sharding.make_mesh(1)
-  placement = trainer.Placement(mesh, task.state)
+  placement = sharding.Placement(mesh, task.state)
   train_step = steps.make_train_step(task, state_sharding=placement.state,
                                      batch_sharding=placement.batch,
                                      replicated_sharding=placement.replicated)

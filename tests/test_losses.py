@@ -9,17 +9,24 @@ wutong16/DistributionBalancedLoss `ResampleLoss`), which `asl` and `distribution
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
+from wikitopics_jax import configlib
 from wikitopics_jax import hierarchy
 from wikitopics_jax import losses
 from wikitopics_jax import taxonomy as taxonomy_lib
 from wikitopics_jax.bench import numpy_losses
 from wikitopics_jax.errors import InputError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---------------------------------------------------------------------------------------------------
 # Literal references.
@@ -210,7 +217,7 @@ CASES = {
                                                              **AUTHORS_DB_CONFIGS["voc_mlt"])),
     # The paper's eqs. 7-8 (nu = kappa b subtracted, no focal term): init_bias = -kappa lambda.
     "distribution_balanced_paper": ({"positives": POSITIVES, "num_examples": NUM_EXAMPLES,
-                                     "db_init_bias": -0.05 * 5.0, "db_focal": False},
+                                     "init_bias": -0.05 * 5.0, "focal": False},
                                     lambda z, y: ref_distribution_balanced(z, y, POSITIVES, NUM_EXAMPLES)),
 }
 
@@ -305,17 +312,17 @@ def test_asl_unclamped_variant_at_30(clip):
   assert per_label[1, 0] == pytest.approx(30.0, rel=1e-6)  # A positive at -30: -log p, no floor.
 
 
-def _db_case(setting, focal):
+def _distribution_balanced_case(setting, focal):
   authors = dict(AUTHORS_DB_CONFIGS[setting])
   authors["focal"] = {**authors["focal"], "focal": focal}
-  return authors, {**losses.DB_SETTINGS[setting], "db_focal": focal}
+  return authors, {**losses.DB_SETTINGS[setting], "focal": focal}
 
 
 @pytest.mark.parametrize("setting", ["voc_mlt", "coco_mlt"])
 @pytest.mark.parametrize("focal", [True, False])
 def test_distribution_balanced_matches_authors_code(batch, setting, focal):
   z, y = batch
-  authors, params = _db_case(setting, focal)
+  authors, params = _distribution_balanced_case(setting, focal)
   obj = losses.build("distribution_balanced", positives=POSITIVES, num_examples=NUM_EXAMPLES, **params)
 
   def ref_fn(u):
@@ -332,7 +339,7 @@ def test_distribution_balanced_matches_authors_code(batch, setting, focal):
 @pytest.mark.parametrize("setting", ["voc_mlt", "coco_mlt"])
 @pytest.mark.parametrize("focal", [True, False])
 def test_distribution_balanced_matches_authors_code_at_extreme_logits(setting, focal):
-  authors, params = _db_case(setting, focal)
+  authors, params = _distribution_balanced_case(setting, focal)
   obj = losses.build("distribution_balanced", positives=GRID_POSITIVES, num_examples=NUM_EXAMPLES, **params)
   ref = ref_resample_loss(GRID_Z, GRID_Y, GRID_POSITIVES, NUM_EXAMPLES, **authors)
   _, grad = numpy_losses.distribution_balanced_value_and_grad(
@@ -340,25 +347,25 @@ def test_distribution_balanced_matches_authors_code_at_extreme_logits(setting, f
   _check_per_label(obj, GRID_Z, GRID_Y, ref, grad * GRID_Z.size)
 
 
-def test_db_settings_are_the_authors_configs():
+def test_distribution_balanced_settings_are_the_authors_configs():
   for setting, authors in AUTHORS_DB_CONFIGS.items():
     ours = losses.DB_SETTINGS[setting]
-    assert ours == {"db_alpha": authors["map_param"]["alpha"], "db_beta": authors["map_param"]["beta"],
-                    "db_mu": authors["map_param"]["gamma"], "db_neg_scale": authors["logit_reg"]["neg_scale"],
-                    "db_init_bias": authors["logit_reg"]["init_bias"], "db_focal": authors["focal"]["focal"],
-                    "db_balance_param": authors["focal"]["balance_param"],
-                    "db_gamma": authors["focal"]["gamma"]}, setting
-  cfg = losses.default_config("distribution_balanced")
+    assert ours == {"alpha": authors["map_param"]["alpha"], "beta": authors["map_param"]["beta"],
+                    "mu": authors["map_param"]["gamma"], "neg_scale": authors["logit_reg"]["neg_scale"],
+                    "init_bias": authors["logit_reg"]["init_bias"], "focal": authors["focal"]["focal"],
+                    "balance_param": authors["focal"]["balance_param"],
+                    "gamma": authors["focal"]["gamma"]}, setting
+  cfg = losses.config("distribution_balanced")
   assert {k: cfg[k] for k in losses.DB_SETTINGS["voc_mlt"]} == losses.DB_SETTINGS["voc_mlt"]
   # Selecting COCO-MLT in a config file, and focal off from the command line (a string there).
-  cfg.update(losses.DB_SETTINGS["coco_mlt"])
-  cfg.db_focal = "False"
+  cfg = losses.config("distribution_balanced", **losses.DB_SETTINGS["coco_mlt"])
+  cfg.focal = "False"
   obj = losses.from_config(cfg, positives=POSITIVES, num_examples=NUM_EXAMPLES, ancestor_matrix=np.eye(L))
-  assert obj.params["db_focal"] == "False" and obj.params["db_neg_scale"] == 2.0
+  assert obj.params["focal"] == "False" and obj.params["neg_scale"] == 2.0
   rng = np.random.default_rng(6)
   z = rng.normal(size=(3, L)) * 2
   y = (rng.random(z.shape) < 0.4).astype(np.float64)
-  authors, _ = _db_case("coco_mlt", False)
+  authors, _ = _distribution_balanced_case("coco_mlt", False)
   np.testing.assert_allclose(obj.per_label(z.astype(np.float32), y),
                              ref_resample_loss(z, y, POSITIVES, NUM_EXAMPLES, **authors), rtol=1e-5)
 
@@ -370,8 +377,7 @@ def test_bench_numpy_baselines_agree_in_float32(name, params):
   """The `losses` suite's check (tests/test_bench.py thresholds) on its inputs: float32, 31 labels."""
   rng = np.random.default_rng(7)
   positives = rng.integers(5, 400, size=31)
-  cfg = losses.default_config(name)
-  cfg.update(params)
+  cfg = losses.config(name, **params)
   obj = losses.from_config(cfg, positives=positives, num_examples=1000, ancestor_matrix=np.eye(31))
   z = (2 * rng.standard_normal((64, 31))).astype(np.float32)
   y = (rng.random(z.shape) < 0.1).astype(np.float32)
@@ -439,10 +445,10 @@ def _all_objectives():
                                                         focusing_grad=True, clamp_eps=0.0)
   for setting, params in losses.DB_SETTINGS.items():
     for focal in (True, False):
-      objectives[f"db_{setting}_{focal}"] = losses.build(
-          "distribution_balanced", positives=positives, num_examples=10000, **{**params, "db_focal": focal})
-  objectives["db_weak_focal"] = losses.build("distribution_balanced", positives=positives, num_examples=10000,
-                                             db_gamma=0.5, db_init_bias=-1.0)
+      objectives[f"distribution_balanced_{setting}_{focal}"] = losses.build(
+          "distribution_balanced", positives=positives, num_examples=10000, **{**params, "focal": focal})
+  objectives["distribution_balanced_weak_focal"] = losses.build(
+      "distribution_balanced", positives=positives, num_examples=10000, gamma=0.5, init_bias=-1.0)
   objectives["focal_weak"] = losses.build("focal", gamma=0.5, alpha=0.25)
   return tax, objectives
 
@@ -496,7 +502,7 @@ def test_objective_api(batch):
 def test_chmcnn_objective_trains_with_mcloss_and_predicts_coherently():
   tax = taxonomy_lib.load("v1.3")
   r = tax.ancestor_matrix
-  obj = losses.from_config(losses.default_config("chmcnn"), positives=None, num_examples=None,
+  obj = losses.from_config(losses.config("chmcnn"), positives=None, num_examples=None,
                            ancestor_matrix=r)
   assert obj.name == "chmcnn" and obj.hierarchical
   rng = np.random.default_rng(3)
@@ -516,7 +522,7 @@ def test_registry_errors():
   with pytest.raises(InputError, match=r"unknown loss 'focall'; valid names: \['asl', 'bce', 'chmcnn'"):
     losses.get_loss("focall")
   with pytest.raises(InputError,
-                     match=r"loss\.gama is not a parameter of loss 'focal'.*\['alpha', 'gamma'\]"):
+                     match=r"^loss\.gama: not a parameter of loss 'focal' \(valid: \['alpha', 'gamma'\]\)$"):
     losses.get_loss("focal", gama=2)
   with pytest.raises(InputError, match=r"loss\.gamma must be >= 0"):
     losses.get_loss("focal", gamma=-1)
@@ -528,10 +534,10 @@ def test_registry_errors():
     losses.get_loss("asl", focusing_grad=1)
   with pytest.raises(InputError, match=r"loss\.clamp_eps must be >= 0"):
     losses.get_loss("asl", clamp_eps=-1e-8)
-  with pytest.raises(InputError, match=r"loss\.db_neg_scale must be > 0"):
-    losses.get_loss("distribution_balanced", positives=[1, 2], num_examples=10, db_neg_scale=0)
-  with pytest.raises(InputError, match=r"loss\.db_focal must be True or False, got 'yes'"):
-    losses.get_loss("distribution_balanced", positives=[1, 2], num_examples=10, db_focal="yes")
+  with pytest.raises(InputError, match=r"loss\.neg_scale must be > 0"):
+    losses.get_loss("distribution_balanced", positives=[1, 2], num_examples=10, neg_scale=0)
+  with pytest.raises(InputError, match=r"loss\.focal must be True or False, got 'yes'"):
+    losses.get_loss("distribution_balanced", positives=[1, 2], num_examples=10, focal="yes")
   with pytest.raises(InputError, match=r"loss\.positives='auto' needs the training split's statistics"):
     losses.get_loss("pos_weighted_bce")
   with pytest.raises(InputError, match=r"loss\.positives\[1\] = 20 exceeds loss\.num_examples = 10"):
@@ -552,7 +558,7 @@ def test_registering_a_loss_is_one_function_and_one_line():
         return scale * (-(y * jax.nn.log_sigmoid(z) + (1 - y) * jax.nn.log_sigmoid(-z)))
       return per_label
 
-    assert losses.default_config()["scale"] == 1.0
+    assert losses.config(name).to_dict() == {"name": name, "scale": 1.0}
     z = np.zeros((1, 2), np.float32)
     assert float(losses.get_loss(name, scale=2.0)(z, z)) == pytest.approx(2 * np.log(2))
     with pytest.raises(ValueError, match="registered twice"):
@@ -568,26 +574,49 @@ def v13():
   return tax, positives
 
 
-def test_default_config_covers_every_loss_and_command_line_overrides():
-  cfg = losses.default_config()
-  assert cfg.name == "bce"
-  for key in ("gamma", "alpha", "gamma_neg", "gamma_pos", "clip", "focusing_grad", "clamp_eps",
-              "class_weights", "pos_weights", "positives", "num_examples", "db_alpha", "db_beta", "db_mu",
-              "db_neg_scale", "db_init_bias", "db_focal", "db_balance_param", "db_gamma"):
-    assert key in cfg, key
-  assert "db_lambda" not in cfg and "db_kappa" not in cfg  # Renamed to the authors' neg_scale, init_bias.
-  assert cfg.focusing_grad is False and cfg.clamp_eps == 1e-8
-  assert "ancestor_matrix" not in cfg
-  assert cfg.alpha is None and cfg.positives == "auto" and cfg.gamma == 2.0
-  # What `--config.loss.name=focal --config.loss.gamma=3 --config.loss.alpha=0.25` does.
-  cfg.name, cfg.gamma, cfg.alpha = "focal", 3.0, 0.25
+def test_config_holds_only_the_chosen_losss_own_keys():
+  assert losses.config().to_dict() == {"name": "bce"}
+  assert losses.config("focal").to_dict() == {"name": "focal", "gamma": 2.0, "alpha": None}
+  assert losses.config("asl").to_dict() == {"name": "asl", "gamma_neg": 4.0, "gamma_pos": 1.0, "clip": 0.05,
+                                           "focusing_grad": False, "clamp_eps": 1e-8}
+  assert losses.config("pos_weighted_bce").to_dict() == {"name": "pos_weighted_bce", "pos_weights": "auto",
+                                                        "positives": "auto", "num_examples": "auto"}
+  # No prefixes: distribution_balanced's alpha and gamma are its own, with its own defaults.
+  assert losses.config("distribution_balanced").to_dict() == {
+      "name": "distribution_balanced", "positives": "auto", "num_examples": "auto", "alpha": 0.1,
+      "beta": 10.0, "mu": 0.3, "neg_scale": 5.0, "init_bias": 0.05, "focal": True, "balance_param": 2.0,
+      "gamma": 2.0}
+  assert losses.config("chmcnn").to_dict() == {"name": "chmcnn"}  # R comes from the manifest.
+  # What a config file's `losses.config("focal", gamma=3.0)` then `--config.loss.alpha=0.25` does.
+  cfg = losses.config("focal", gamma=3.0)
+  cfg.alpha = 0.25
   obj = losses.from_config(cfg, positives=None, num_examples=None, ancestor_matrix=np.eye(5))
   assert obj.name == "focal" and obj.params == {"alpha": 0.25, "gamma": 3.0}
+  with pytest.raises(InputError, match=r"^config\.loss\.clip: not a parameter of loss 'focal' \(valid: "
+                                       r"\['alpha', 'gamma'\]\); it is a parameter of loss \['asl'\]"):
+    losses.config("focal", clip=0.1)
+
+
+def test_two_losses_may_give_one_key_different_defaults():
+  name = "test_only_sharp_bce"
+  try:
+    @losses.register(name)
+    def sharp_bce(*, gamma: float = 5.0):
+      def per_label(z, y):
+        return -(y * jax.nn.log_sigmoid(gamma * z) + (1 - y) * jax.nn.log_sigmoid(-gamma * z))
+      return per_label
+
+    assert losses.config(name).gamma == 5.0 and losses.config("focal").gamma == 2.0
+    obj = losses.from_config(losses.config(name), positives=None, num_examples=None,
+                             ancestor_matrix=np.eye(2))
+    assert obj.params == {"gamma": 5.0}
+  finally:
+    losses.LOSSES._entries.pop(name, None)  # Keep the registry as other tests expect it.
 
 
 def test_from_config_auto_statistics(v13, batch):
   tax, positives = v13
-  cfg = losses.default_config("pos_weighted_bce")
+  cfg = losses.config("pos_weighted_bce")
   obj = losses.from_config(cfg, positives=positives, num_examples=1000, ancestor_matrix=tax.ancestor_matrix)
   explicit = losses.build("pos_weighted_bce", positives=positives, num_examples=1000)
   rng = np.random.default_rng(4)
@@ -604,10 +633,10 @@ def test_from_config_auto_statistics(v13, batch):
 def test_from_config_explicit_lists(v13):
   tax, positives = v13
   r = tax.ancestor_matrix
-  as_list = losses.default_config("distribution_balanced")
+  as_list = losses.config("distribution_balanced")
   as_list.positives, as_list.num_examples = positives.tolist(), 2000
   # On the command line a list arrives as a string: --config.loss.positives='[10, 20, ...]'.
-  as_string = losses.default_config("distribution_balanced")
+  as_string = losses.config("distribution_balanced")
   as_string.positives, as_string.num_examples = str(positives.tolist()), "2000"
   rng = np.random.default_rng(5)
   z = rng.normal(size=(3, tax.num_labels)).astype(np.float32)
@@ -619,7 +648,7 @@ def test_from_config_explicit_lists(v13):
   assert float(a(z, y)) == pytest.approx(expected, rel=1e-5)
   assert float(b(z, y)) == pytest.approx(expected, rel=1e-5)
 
-  weights = losses.default_config("class_weighted_bce")
+  weights = losses.config("class_weighted_bce")
   weights.class_weights = [1.0] * 30
   with pytest.raises(InputError, match=r"loss\.class_weights has 30 entries but the model has 31 labels"):
     losses.from_config(weights, positives=positives, num_examples=1000, ancestor_matrix=r)
@@ -634,13 +663,22 @@ def test_from_config_explicit_lists(v13):
 def test_from_config_key_errors(v13):
   tax, positives = v13
   kwargs = {"positives": positives, "num_examples": 1000, "ancestor_matrix": tax.ancestor_matrix}
-  cfg = losses.default_config("bce")
-  cfg.gamma = 3.0
-  with pytest.raises(InputError,
-                     match=r"loss\.gamma=3\.0 is set, but loss 'bce' does not take it.*\['focal'\]"):
+  # `--config.loss.name=bce` on a config written for focal: focal's key is left over.
+  cfg = losses.config("focal")
+  cfg.name = "bce"
+  with pytest.raises(InputError) as error:
     losses.from_config(cfg, **kwargs)
-  with pytest.raises(InputError, match=r"loss\.gammma is not a parameter of any loss"):
+  assert str(error.value) == (
+      "config.loss.alpha: not a parameter of loss 'bce' (valid: []); it is a parameter of loss "
+      "['distribution_balanced', 'focal']; to switch losses, append :loss=<name> to --config "
+      "(docs/losses.md)")
+  with pytest.raises(InputError, match=r"^config\.loss\.gammma: not a parameter of loss 'focal' "
+                                       r"\(valid: \['alpha', 'gamma'\]\)$"):
     losses.from_config(ml_collections.ConfigDict({"name": "focal", "gammma": 2.0}), **kwargs)
+  with pytest.raises(InputError, match=r"^config\.loss\.gamma: not a parameter of loss 'asl' "
+                                       r"\(valid: \['clamp_eps', 'clip', 'focusing_grad', 'gamma_neg', "
+                                       r"'gamma_pos'\]\); it is a parameter of loss"):
+    losses.from_config({"name": "asl", "gamma": 2.0}, **kwargs)
   with pytest.raises(InputError, match=r"loss\.ancestor_matrix cannot be set in the config"):
     losses.from_config({"name": "chmcnn", "ancestor_matrix": np.eye(31)}, **kwargs)
   with pytest.raises(InputError, match=r"loss\.name is missing"):
@@ -650,3 +688,100 @@ def test_from_config_key_errors(v13):
   with pytest.raises(InputError, match=r"model has 31 labels but the taxonomy's R has 5"):
     losses.from_config({"name": "chmcnn"}, positives=None, num_examples=None, ancestor_matrix=np.eye(5)
                        ).per_example(np.zeros((1, 31)), np.zeros((1, 31)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Switching the loss from the command line, and saved configs of earlier versions.
+
+
+def _load_config(argument, *overrides):
+  """The config `wikitopics train --config=<argument> <overrides>` trains with, after its early check."""
+  argv = ["wikitopics", f"--config={os.path.join(REPO, argument)}", *overrides]
+  values = flags.FlagValues()
+  # sys_argv: config_flags defines a flag per override it finds there, as `wikitopics` parses them.
+  holder = config_flags.DEFINE_config_file("config", flag_values=values, lock_config=True, sys_argv=argv)
+  values(argv)
+  configlib.check(holder.value)
+  return holder.value
+
+
+def test_a_config_files_loss_argument_switches_the_loss():
+  assert _load_config("configs/demo.py").loss.to_dict() == {"name": "bce"}
+  config = _load_config("configs/demo.py:loss=distribution_balanced", "--config.loss.gamma=1.5")
+  assert config.loss.to_dict() == losses.config("distribution_balanced", gamma=1.5).to_dict()
+  # ml_collections cannot add a key from the command line: bce's config has no gamma.
+  with pytest.raises((KeyError, AttributeError, flags.Error), match="gamma"):
+    _load_config("configs/demo.py", "--config.loss.gamma=3")
+  # The rest of the argument still reaches get_config: a row and its scale, a dataset directory.
+  row = _load_config("configs/experiments.py:table4_3_focal:smoke:loss=asl")
+  assert row.loss.to_dict() == losses.config("asl").to_dict()
+  assert row.num_epochs == _load_config("configs/experiments.py:table4_3_focal:smoke").num_epochs
+  tiny = _load_config("configs/tiny.py:/data/wit_32px:loss=focal", "--config.loss.alpha=0.25")
+  assert tiny.data.dir == "/data/wit_32px" and tiny.loss.to_dict() == {"name": "focal", "gamma": 2.0,
+                                                                         "alpha": 0.25}
+  with pytest.raises(flags.Error, match=r"unknown loss 'focall'; valid names"):
+    _load_config("configs/demo.py:loss=focall")
+
+
+def test_renaming_the_loss_leaves_the_other_losss_keys_and_fails_in_one_line():
+  with pytest.raises(InputError) as error:
+    _load_config("configs/demo.py:loss=focal", "--config.loss.name=asl")
+  message = str(error.value)
+  assert "\n" not in message and message.startswith(
+      "config.loss.alpha: not a parameter of loss 'asl' (valid: ['clamp_eps', 'clip', 'focusing_grad', "
+      "'gamma_neg', 'gamma_pos']); it is a parameter of loss ['distribution_balanced', 'focal']")
+  # A loss without parameters set is renamed freely: the new loss takes its defaults.
+  assert _load_config("configs/demo.py", "--config.loss.name=chmcnn").loss.to_dict() == {"name": "chmcnn"}
+
+
+# A config.json's `loss` as earlier versions wrote it (written out, not derived from today's code):
+# every registered loss's keys in one namespace, distribution_balanced's prefixed with `db_`.
+UNION_LOSS_CONFIG = {
+    "name": "bce", "alpha": None, "class_weights": "auto", "clamp_eps": 1e-8, "clip": 0.05,
+    "db_alpha": 0.1, "db_balance_param": 2.0, "db_beta": 10.0, "db_focal": True, "db_gamma": 2.0,
+    "db_init_bias": 0.05, "db_mu": 0.3, "db_neg_scale": 5.0, "focusing_grad": False, "gamma": 2.0,
+    "gamma_neg": 4.0, "gamma_pos": 1.0, "num_examples": "auto", "pos_weights": "auto", "positives": "auto",
+}
+
+
+def test_upgrade_saved_config_keeps_only_the_saved_losss_keys():
+  where = "workdir/config.json"
+  # COCO-MLT without the focal term and with a gamma unlike focal's, to tell the two gammas apart.
+  union = {**UNION_LOSS_CONFIG, "name": "distribution_balanced", "db_mu": 0.2, "db_neg_scale": 2.0,
+           "db_focal": False, "db_gamma": 1.5}
+  upgraded = losses.upgrade_saved_config(union, where=where)
+  assert upgraded == {"name": "distribution_balanced", "positives": "auto", "num_examples": "auto",
+                      "alpha": 0.1, "beta": 10.0, "mu": 0.2, "neg_scale": 2.0, "init_bias": 0.05,
+                      "focal": False, "balance_param": 2.0, "gamma": 1.5}
+  obj = losses.from_config(upgraded, positives=POSITIVES, num_examples=NUM_EXAMPLES,
+                           ancestor_matrix=np.eye(L))
+  z = np.linspace(-3, 3, 2 * L, dtype=np.float32).reshape(2, L)
+  y = (z > 0.5).astype(np.float32)
+  same = losses.build("distribution_balanced", positives=POSITIVES, num_examples=NUM_EXAMPLES,
+                      **{**losses.DB_SETTINGS["coco_mlt"], "focal": False, "gamma": 1.5})
+  np.testing.assert_array_equal(obj.per_label(z, y), same.per_label(z, y))
+  assert losses.upgrade_saved_config({**UNION_LOSS_CONFIG, "name": "focal"}, where=where) == {
+      "name": "focal", "gamma": 2.0, "alpha": None}
+  assert losses.upgrade_saved_config(UNION_LOSS_CONFIG, where=where) == {"name": "bce"}
+  assert losses.upgrade_saved_config({**UNION_LOSS_CONFIG, "name": "class_weighted_bce"}, where=where) == {
+      "name": "class_weighted_bce", "class_weights": "auto", "positives": "auto", "num_examples": "auto"}
+  # Today's form comes back as it is, distribution_balanced's unprefixed alpha and gamma included.
+  for name in losses.names():
+    saved = losses.config(name).to_dict()
+    assert losses.upgrade_saved_config(saved, where=where) == saved, name
+  saved = losses.config("distribution_balanced", alpha=0.3, gamma=1.0).to_dict()
+  assert losses.upgrade_saved_config(saved, where=where) == saved
+  with pytest.raises(InputError, match=r"^workdir/config\.json: loss\.name='nope' is not a registered loss"):
+    losses.upgrade_saved_config({"name": "nope"}, where=where)
+
+
+def test_upgrade_saved_config_refuses_only_distribution_balanced_runs_with_retired_keys():
+  where = "workdir/config.json"
+  oldest = {**UNION_LOSS_CONFIG, "db_kappa": 0.05, "db_lambda": 5.0}
+  # Defaults of a loss the run did not use: dropped.
+  assert losses.upgrade_saved_config({**oldest, "name": "asl"}, where=where) == losses.config("asl").to_dict()
+  with pytest.raises(InputError) as error:
+    losses.upgrade_saved_config({**oldest, "name": "distribution_balanced"}, where=where)
+  assert str(error.value) == (
+      "workdir/config.json: trained with the earlier distribution_balanced parameters ['db_kappa', "
+      "'db_lambda'], which the loss no longer has; give --config with today's keys (docs/losses.md)")

@@ -1,4 +1,4 @@
-"""EfficientNet family and depthwise convolution: published parameter counts, padding, equivalence.
+"""EfficientNet family and the xla_cpu layers: published parameter counts, padding, equivalence.
 
 Big models are only built abstractly (`nnx.eval_shape`); forward passes use efficientnet_tiny at 32x32.
 Set WIKITOPICS_SLOW_TESTS=1 to also count B1, B3-B7 and Lite1-4 (about a minute more).
@@ -17,8 +17,9 @@ from flax import nnx
 
 from wikitopics_jax import models
 from wikitopics_jax.errors import InputError
-from wikitopics_jax.models import depthwise
 from wikitopics_jax.models import efficientnet
+from wikitopics_jax.models import xla_cpu
+from wikitopics_jax.models.xla_cpu import depthwise, pointwise, stem_conv
 
 slow = pytest.mark.skipif(not os.environ.get("WIKITOPICS_SLOW_TESTS"),
                           reason="set WIKITOPICS_SLOW_TESTS=1")
@@ -172,7 +173,7 @@ def test_width_and_depth_overrides_shrink_the_model():
 def test_default_config_has_every_key():
   cfg = models.default_model_config()
   assert set(cfg.keys()) == {"name", "head", "image_size", "dropout_rate", "drop_connect_rate",
-                             "dtype", "depthwise_impl", "batch_norm_impl", "width_multiplier",
+                             "dtype", "kernels", "width_multiplier",
                              "depth_multiplier", "input_normalization"}
 
 
@@ -186,8 +187,7 @@ def test_unknown_model_name_lists_valid_names():
     ("colour", 1, r"model\.colour"),
     ("head", "mlp", r"model\.head"),
     ("dtype", "float16", r"model\.dtype"),
-    ("depthwise_impl", "fast", r"model\.depthwise_impl"),
-    ("batch_norm_impl", "cudnn", r"model\.batch_norm_impl='cudnn'.*'fused'"),
+    ("kernels", "fast", r"^config\.model\.kernels='fast'.*\['auto', 'xla', 'xla_cpu'\]$"),
     ("dropout_rate", 1.5, r"model\.dropout_rate"),
     ("width_multiplier", -1.0, r"model\.width_multiplier"),
 ])
@@ -258,13 +258,14 @@ def test_tiny_forward_train_vs_eval(tiny_gap):
   model.train()
 
 
-def test_bf16_and_native_depthwise_match_f32_shifted(tiny_gap):
+def test_bf16_and_xla_kernels_match_f32_xla_cpu(tiny_gap):
   x = _images(seed=1)
   reference = models.create_model(_cfg(head="gap"), num_labels=5,
                                    rngs=nnx.Rngs(params=0, dropout=1))
+  assert isinstance(reference.blocks[0].dwconv, depthwise.DepthwiseConv)  # "auto" on CPU.
   reference.eval()
   expected = np.asarray(_forward(reference, x))
-  for overrides, rtol in (({"dtype": "bfloat16"}, 5e-2), ({"depthwise_impl": "native"}, 1e-4)):
+  for overrides, rtol in (({"dtype": "bfloat16"}, 5e-2), ({"kernels": "xla"}, 1e-4)):
     # Same seeds and structure -> the same parameter values.
     model = models.create_model(_cfg(head="gap", **overrides), num_labels=5,
                                 rngs=nnx.Rngs(params=0, dropout=1))
@@ -337,9 +338,9 @@ def _numpy_conv(x, kernel, stride, pads, depthwise_conv=False):
 
 @pytest.mark.parametrize("size", [7, 8])
 def test_strided_regular_conv_pads_like_tf(size):
-  # 5 input channels: nnx.Conv itself (3 take `FewChannelConv` on CPU, tested below).
+  # 5 input channels: the plain nnx.Conv, which xla_cpu leaves alone (3 take `FewChannelConv`).
   conv = efficientnet._conv(5, 4, 3, stride=2, dtype=None, rngs=nnx.Rngs(0))  # pylint: disable=protected-access
-  assert type(conv) is nnx.Conv  # pylint: disable=unidiomatic-typecheck
+  assert type(conv) is nnx.Conv and not stem_conv.fits(conv)  # pylint: disable=unidiomatic-typecheck
   x = np.random.default_rng(size).normal(size=(2, size, size + 1, 5)).astype(np.float32)
   pads = (_tf_same_literal(size, 3, 2), _tf_same_literal(size + 1, 3, 2))
   want = _numpy_conv(x, conv.kernel[...], 2, pads)
@@ -348,13 +349,13 @@ def test_strided_regular_conv_pads_like_tf(size):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_few_channel_conv_matches_numpy_and_the_library_gradients(dtype):
-  """The stem's convolution on CPU (shifted multiply-adds; patch-matrix kernel gradient)."""
-  from wikitopics_jax.models import stem_conv  # pylint: disable=g-import-not-at-top
+  """The stem's xla_cpu convolution (shifted multiply-adds; patch-matrix kernel gradient)."""
   rng = np.random.default_rng(3)
   for stride, size in ((2, 7), (2, 8), (1, 7)):
-    conv = efficientnet._conv(3, 5, 3, stride=stride, dtype=dtype,  # pylint: disable=protected-access
-                              rngs=nnx.Rngs(0))
-    assert isinstance(conv, stem_conv.FewChannelConv)
+    plain = efficientnet._conv(3, 5, 3, stride=stride, dtype=dtype,  # pylint: disable=protected-access
+                               rngs=nnx.Rngs(0))
+    assert stem_conv.fits(plain)
+    conv = xla_cpu.recast(plain, stem_conv.FewChannelConv)
     x = jnp.asarray(rng.normal(size=(2, size, size + 1, 3)), dtype)
     kernel = conv.kernel[...]
     pads = (_tf_same_literal(size, 3, stride), _tf_same_literal(size + 1, 3, stride))
@@ -414,8 +415,11 @@ def _all_cases(dtype):
       per_impl = {}
       pads = depthwise.same_padding_2d(x.shape[1:3], k, s)
       fns = {
-          "native": lambda x, w: depthwise.depthwise_conv(x, w, stride=s, impl="native"),
-          "shifted": lambda x, w: depthwise.depthwise_conv(x, w, stride=s, impl="shifted"),
+          # What the plain model's nnx.Conv(feature_group_count=C) computes.
+          "native": lambda x, w: jax.lax.conv_general_dilated(
+              x, w.reshape(k, k, 1, w.shape[-1]), (s, s), pads,
+              dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=w.shape[-1]),
+          "shifted": lambda x, w: depthwise.depthwise_conv(x, w, stride=s),
           # Autodiff through the forward formulation, without the hand-written VJP.
           "autodiff": lambda x, w: depthwise._shifted_forward(x, w, s, pads),  # pylint: disable=protected-access
       }
@@ -445,22 +449,45 @@ def test_depthwise_shifted_matches_native(dtype):
         assert np.abs(got - ref).max() <= tol * scale, (case, name, what)
 
 
-def test_auto_impl_is_shifted_on_cpu():
+def test_auto_kernels_are_xla_cpu_on_cpu_with_the_same_state():
   assert jax.default_backend() == "cpu"
-  assert depthwise.resolve_impl("auto") == "shifted"
-  assert depthwise.resolve_impl("native") == "native"
-  with pytest.raises(ValueError):
-    depthwise.resolve_impl("winograd")
+  assert models.resolve_kernels("auto") == "xla_cpu"
+  assert models.resolve_kernels("xla") == "xla"
+  with pytest.raises(InputError, match=r"config\.model\.kernels='winograd'"):
+    models.resolve_kernels("winograd")
+  built = {kernels: models.create_model(_cfg(kernels=kernels), num_labels=5,
+                                        rngs=nnx.Rngs(params=0, dropout=1))
+           for kernels in ("auto", "xla")}
+  fast, plain = built["auto"].blocks[1], built["xla"].blocks[1]
+  assert type(plain.dwconv) is nnx.Conv and type(plain.project_conv) is nnx.Conv  # pylint: disable=unidiomatic-typecheck
+  assert type(built["xla"].stem.conv) is nnx.Conv  # pylint: disable=unidiomatic-typecheck
+  assert isinstance(fast.dwconv, depthwise.DepthwiseConv)
+  assert isinstance(fast.project_conv, pointwise.PointwiseConv)
+  assert isinstance(built["auto"].stem.conv, stem_conv.FewChannelConv)
+  # The fused BatchNorm took the activation after it; the SE's own activation stays.
+  assert (fast.bn.activation, fast.act.name, fast.se_act.name) == ("swish", "identity", "swish")
+  assert (plain.act.name, fast.project_bn.activation) == ("swish", "identity")
+  # Same state (paths, types, shapes, values): checkpoints and pretrained weights fit either.
+  fast_state, plain_state = (nnx.to_flat_state(nnx.state(m)) for m in (built["auto"], built["xla"]))
+  assert [p for p, _ in fast_state] == [p for p, _ in plain_state]
+  for (path, a), (_, b) in zip(fast_state, plain_state):
+    assert type(a) is type(b) and a.shape == b.shape, path  # pylint: disable=unidiomatic-typecheck
+    a, b = (v[...] for v in (a, b))
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):  # The dropout streams' keys.
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+  xla_cpu.apply(built["xla"])  # Plain after the fact: the same layers as "auto".
+  assert nnx.graphdef(built["xla"]) == nnx.graphdef(built["auto"])
 
 
 def test_pointwise_conv_equals_the_convolution_it_replaces():
-  """The 1x1 convolutions run as a matrix product on CPU: same parameters, same outputs."""
-  from wikitopics_jax.models import efficientnet  # pylint: disable=g-import-not-at-top
-  conv = efficientnet._conv(24, 40, 1, use_bias=True, dtype=None, rngs=nnx.Rngs(0))  # pylint: disable=protected-access
-  assert isinstance(conv, efficientnet.PointwiseConv)
+  """The 1x1 convolutions run as a matrix product: same parameters, same outputs."""
+  plain = efficientnet._conv(24, 40, 1, use_bias=True, dtype=None, rngs=nnx.Rngs(0))  # pylint: disable=protected-access
+  assert pointwise.fits(plain)
+  conv = xla_cpu.recast(plain, pointwise.PointwiseConv)
   conv.bias[...] = jax.random.normal(jax.random.key(2), conv.bias.shape)
   x = jax.random.normal(jax.random.key(1), (3, 5, 7, 24))
   expected = jax.lax.conv_general_dilated(
       x, conv.kernel[...], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv.bias[...]
   np.testing.assert_allclose(conv(x), expected, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(nnx.Conv.__call__(conv, x), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(plain(x), expected, rtol=1e-5, atol=1e-5)

@@ -362,14 +362,14 @@ def test_trainable_parameters_match_thesis_table_4_5():
   assert len(models.layer_groups(model)) == 339
   tx = optax.adam(1e-3)
   for k, expected in table.items():
-    trainable = models.set_trainable_layers(model, k)
+    trainable = model.set_trainable_layers(k)
     assert models.count_parameters(model, trainable) == expected, k
     frozen = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm) and m.frozen]
     assert (len(frozen) == 0) == (k == 339), k
     if k in (3, 100):
       optimizer = nnx.eval_shape(lambda m, f=trainable: nnx.Optimizer(m, tx, wrt=f), model)
       assert _moment_sizes(optimizer) == (expected, expected), k
-  assert models.set_trainable_layers(model, None) is nnx.Param
+  assert model.set_trainable_layers(None) is nnx.Param
   assert not [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm) and m.frozen]
 
 

@@ -1,11 +1,12 @@
-"""The squeeze-and-excitation ops against NumPy formulas: values and gradients, float32 and bf16."""
+"""The xla_cpu squeeze-and-excitation ops and layers against NumPy formulas: values and gradients,
+float32 and bf16."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wikitopics_jax.models import squeeze_excite
+from wikitopics_jax.models.xla_cpu import squeeze_excite
 
 # 17 rows: grouped row sums with zero rows padded and a second stage; 7 rows: one group; 1x1 maps.
 SHAPES = [(2, 17, 5, 3), (3, 7, 7, 4), (2, 1, 1, 2), (2, 33, 9, 8)]
@@ -14,7 +15,6 @@ SHAPES = [(2, 17, 5, 3), (3, 7, 7, 4), (2, 1, 1, 2), (2, 33, 9, 8)]
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_spatial_mean_and_scale_channels_match_numpy(shape, dtype):
-  assert jax.default_backend() == "cpu"  # The custom-VJP code path.
   rng = np.random.default_rng(sum(shape))
   x = rng.normal(size=shape)
   gate = rng.uniform(size=(shape[0], shape[3]))
@@ -26,8 +26,9 @@ def test_spatial_mean_and_scale_channels_match_numpy(shape, dtype):
 
   @jax.jit
   def run(x, gate, grad_mean, grad_scaled):
-    mean, mean_vjp = jax.vjp(squeeze_excite.spatial_mean, x)
-    scaled, scale_vjp = jax.vjp(squeeze_excite.scale_channels, x, gate)
+    # Through the layers that replace the model's SpatialMean and ScaleChannels.
+    mean, mean_vjp = jax.vjp(squeeze_excite.SpatialMean(), x)
+    scaled, scale_vjp = jax.vjp(squeeze_excite.ScaleChannels(), x, gate)
     return mean, mean_vjp(grad_mean)[0], scaled, *scale_vjp(grad_scaled)
 
   got = run(*(jnp.asarray(a, dtype) for a in (x, gate, grad_mean, grad_scaled)))

@@ -72,9 +72,9 @@ def test_metrics_in_results_match_sklearn(tmp_path, data_dir):
   manifest = manifest_lib.read(data_dir)
   task = task_lib.build(config, manifest, total_steps=4)
   mesh = sharding.make_mesh()
-  placement = trainer.Placement(mesh, task.state)
+  placement = sharding.Placement(mesh, task.state)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-  state = trainer.restore_state(ckpt, ckpt.best_step(), task, placement)
+  state = checkpointing.restore_state(ckpt, ckpt.best_step(), task.state, placement)
   eval_step = steps.make_eval_step(task, state_sharding=placement.state, batch_sharding=placement.batch)
   pred = evaluation.predict_split(eval_step, state, data_dir=data_dir, split="test", batch_size=32,
                                   hierarchical=True, mesh=mesh)

@@ -26,6 +26,8 @@ def tiny_run(tmp_path_factory) -> tuple[str, str]:
     datasets.make_dataset(data_dir, sizes=SPLIT_SIZES, image_size=32)
     config = tiny_config(data_dir, num_epochs=NUM_CHECKPOINTS,
                          **{"checkpoint.keep_latest": NUM_CHECKPOINTS})
+    # A second during-training evaluator: its metrics land in metrics.jsonl under its own name.
+    config.evals.val_ranking = {"type": "ranking", "split": "val", "during_training": True}
     trainer.train_and_evaluate(config, workdir)
     _RUNS["run"] = (workdir, data_dir)
   return _RUNS["run"]

@@ -33,8 +33,11 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
+from wikitopics_jax import sharding
+from wikitopics_jax import files
 from wikitopics_jax.errors import InputError
 
 BEST_MARKER = "best.json"
@@ -473,10 +476,19 @@ def _host_array(value: Any) -> np.ndarray:
 
 
 def _atomic_write_json(path: str, data: dict[str, Any]) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
+  with files.atomic_open(path) as f:
     json.dump(data, f, indent=1)
-  os.replace(tmp, path)
+
+
+def restore_state(ckpt: Checkpointer, step: int, state: Any, placement: Any, *,
+                  data_iterator=None) -> Any:
+  """Checkpoint `step` -> `state` (an nnx module, updated in place) placed on the mesh as
+  `placement.replicated` (a `sharding.Placement`); the data iterator's position too, if given."""
+  like = nnx.to_pure_dict(state)
+  flat, _ = ckpt.restore(step, abstract_checkpoint_tree(like, placement.replicated),
+                         data_iterator=data_iterator)
+  nnx.replace_by_pure_dict(state, from_checkpoint_tree(flat, like))
+  return sharding.put_replicated(state, placement.replicated)
 
 
 def to_checkpoint_tree(state_pure: Any) -> dict[str, Any]:

@@ -1,7 +1,11 @@
-"""The base config every experiment config starts from (configs/*.py call `base_config()`), and
-`check`, the early check of its registry names."""
+"""The base config every experiment config starts from (configs/*.py call `base_config()`),
+`loss_argument`, which lets every config file's argument pick the loss, and `check`, the early check of
+its registry names and loss keys."""
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import ml_collections
 
@@ -56,7 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
   # their BatchNorm statistics stay fixed. None = train everything.
   c.trainable_layers = ml_collections.FieldReference(None, int)
 
-  c.loss = losses.default_config("bce")
+  # Only the chosen loss's own keys (losses.config); `loss_argument` switches the loss.
+  c.loss = losses.config("bce")
   c.optimizer = ml_collections.ConfigDict({"name": "adam", "learning_rate": 1e-3})
   # warmup_steps: a linear warm-up, which every schedule takes (optimizers.py; 0 = none).
   c.schedule = ml_collections.ConfigDict({"name": "constant", "warmup_steps": 0})
@@ -77,6 +82,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 15
   c.num_train_steps = 0               # > 0 overrides num_epochs
   c.eval_every_steps = 0              # 0 = once per epoch
+  # Evaluators (wikitopics_jax/eval/evaluators/): name -> {type, split, during_training, own keys}.
+  # during_training: at every evaluation step, into metrics.jsonl as <name>_<metric> (val_loss picks
+  # the best checkpoint). The others run on the best checkpoint (results.json), in `evaluate` and
+  # `report`; the first "multilabel" one is the report, the others add their metrics under their name.
+  c.evals = ml_collections.ConfigDict({
+      "val": {"type": "loss_ap", "split": c.data.get_ref("val_split"), "during_training": True},
+      "test": {"type": "multilabel", "split": c.data.get_ref("test_split"), "during_training": False},
+      "ranking": {"type": "ranking", "split": c.data.get_ref("test_split"), "during_training": False},
+  })
   c.log_every_steps = 50
 
   # Per-class thresholds tuned on data.threshold_split after training (thesis section 3.2.1):
@@ -100,8 +114,47 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The part of a config file's argument that picks the loss: `--config=configs/demo.py:loss=focal`.
+LOSS_ARG = "loss="
+
+
+def split_loss_arg(arg: str | None) -> tuple[str | None, str | None]:
+  """(the argument without its `loss=NAME` part or None if nothing is left, NAME or None).
+
+  config_flags passes everything after the file's first colon to `get_config`; its parts are separated
+  by colons, so `table4_3_focal:smoke:loss=asl` is ("table4_3_focal:smoke", "asl").
+  """
+  if not arg:
+    return arg, None
+  parts = arg.split(":")
+  names = [p[len(LOSS_ARG):] for p in parts if p.startswith(LOSS_ARG)]
+  if len(names) > 1:
+    raise InputError(f"config argument {arg!r}: {LOSS_ARG}<name> is given {len(names)} times")
+  rest = ":".join(p for p in parts if not p.startswith(LOSS_ARG))
+  return rest or None, names[0] if names else None
+
+
+def loss_argument(get_config: Callable[[str | None], ml_collections.ConfigDict]):
+  """Decorates a config file's `get_config(arg)`: a `loss=NAME` part of the argument sets the loss.
+
+  `--config=configs/demo.py:loss=focal` gives `config.loss = losses.config("focal")`, that loss's own
+  keys with their defaults, so `--config.loss.gamma=3` can then override one (ml_collections cannot add
+  a key from the command line). The loss replaces whatever loss the file chose; the rest of the
+  argument reaches `get_config` as before (None if nothing is left).
+  """
+  @functools.wraps(get_config)
+  def wrapper(arg: str | None = None) -> ml_collections.ConfigDict:
+    rest, loss_name = split_loss_arg(arg)
+    c = get_config(rest)
+    if loss_name is not None:
+      c.loss = losses.config(loss_name)
+    return c
+  return wrapper
+
+
 def check(config: ml_collections.ConfigDict) -> None:
-  """Raises InputError (one line naming the key) on a registry name that no entry has.
+  """Raises InputError (one line naming the key) on a registry name that no entry has, or on a
+  `config.loss` key that the chosen loss does not take.
 
   The jobs look these names up only after preparing the data; `wikitopics` calls this right after
   parsing the command line, so a typo fails at once. Keys absent from an older saved config are
@@ -118,3 +171,5 @@ def check(config: ml_collections.ConfigDict) -> None:
       node = node.get(key) if hasattr(node, "get") else None
     if node is not None and node not in names:
       raise InputError(f"config.{path}={node!r}: unknown {names.kind}; valid names: {names.names()}")
+  if config.get("loss") is not None:
+    losses.check_config(config.loss)

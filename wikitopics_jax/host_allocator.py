@@ -13,21 +13,31 @@ cost: the process keeps its peak heap until it exits, and that heap holds a few 
 since an aligned request does not always fit the fragment a freed one left
 (tests/test_host_allocator.py). It must run before JAX starts its threads (before the first
 computation): threads that already have a malloc arena keep it.
-`wikitopics` and the benchmark call it first thing; `--host_malloc=system` leaves glibc alone.
+`wikitopics` and the benchmark call `apply_flag()` first thing. `--host_malloc=auto` (the default)
+keeps freed memory only where JAX's default backend will be the CPU (`cpu_backend_expected`): on
+GPU/TPU hosts XLA's temporaries live on the device, and the host would only hold its peak heap for
+nothing. `--host_malloc=keep` applies the settings everywhere, `--host_malloc=system` nowhere.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
+import os
 import resource
 
 from absl import flags
 
 HOST_MALLOC = flags.DEFINE_enum(
-    "host_malloc", "keep", ["keep", "system"],
+    "host_malloc", "auto", ["auto", "keep", "system"],
     "'keep': glibc keeps freed memory (no mmap/munmap per XLA CPU step; the process keeps its peak "
-    "heap); 'system': glibc's defaults.")
+    "heap); 'system': glibc's defaults; 'auto': 'keep' where JAX's backend will be the CPU "
+    "(JAX_PLATFORMS starts with cpu, or no accelerator plugin is installed), else 'system'.")
+
+# Import names of JAX's accelerator plugins: libtpu, and the namespace package that the CUDA / ROCm
+# plugins (jax-cuda12-plugin, ...) install their PJRT modules into.
+_ACCELERATOR_PLUGINS = ("libtpu", "jax_plugins")
 
 # glibc's <malloc.h> parameter numbers.
 _M_TRIM_THRESHOLD = -1
@@ -65,8 +75,20 @@ def minor_page_faults() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def cpu_backend_expected() -> bool:
+  """Whether JAX's default backend will be the CPU, decided without starting JAX (which would start
+  its threads): the first of JAX_PLATFORMS when set, else whether no accelerator plugin is
+  installed. A plugin without a device (JAX then falls back to the CPU) reads as an accelerator."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip().lower() == "cpu"
+  return not any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)
+
+
 def apply_flag() -> bool:
-  """`keep_freed_memory()` unless --host_malloc=system; True when the settings are in effect."""
-  if HOST_MALLOC.value == "system":
+  """`keep_freed_memory()` as --host_malloc says (see the module docstring); True when the settings
+  are in effect."""
+  mode = HOST_MALLOC.value
+  if mode == "system" or (mode == "auto" and not cpu_backend_expected()):
     return False
   return keep_freed_memory()

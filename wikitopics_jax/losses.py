@@ -18,14 +18,16 @@ Adding a loss: one factory function and one registration line::
 
     @register("my_loss")
     def my_loss(*, sharpness: float = 1.0) -> PerLabelFn:
-      sharpness = _number(sharpness, "sharpness", low=0.0)   # config errors name `loss.sharpness`
+      sharpness = _number(sharpness, "sharpness", low=0.0)   # errors name `loss.sharpness`
       def per_label(z, y):                                  # float32 (B, L) -> (B, L)
         return -(y * jax.nn.log_sigmoid(sharpness * z) + (1 - y) * jax.nn.log_sigmoid(-sharpness * z))
       return per_label
 
-Its keyword-only parameters (with defaults) are its config keys (`--config.loss.name=my_loss
---config.loss.sharpness=2`); `default_config()` picks them up. Parameters named `positives` /
-`num_examples` default to "auto" and are filled by `from_config` from the training split's manifest.
+Its keyword-only parameters (with defaults) are its config keys, and only its: `config("my_loss")` is
+`{"name": "my_loss", "sharpness": 1.0}` (`--config=configs/demo.py:loss=my_loss
+--config.loss.sharpness=2`), and `from_config` refuses a key the loss does not take. Two losses may use
+one name with different defaults. Parameters named `positives` / `num_examples` default to "auto" and are
+filled by `from_config` from the training split's manifest.
 A factory may return `LossFns` instead of a function to also define the prediction probabilities.
 """
 
@@ -118,17 +120,12 @@ def _as_float32(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Ar
 
 def build(name: str, **kwargs) -> Objective:
   """The Objective of loss `name`; kwargs are its parameters (errors name them as `loss.<key>`)."""
-  factory = LOSSES.get(name)
-  params = _parameters(factory)
-  for key in kwargs:
-    if key not in params:
-      raise InputError(f"loss.{key} is not a parameter of loss {name!r}; its parameters: "
-                       f"{sorted(k for k in params if k not in CONTEXT_PARAMS)}")
-  for key, p in params.items():
-    if p.default is inspect.Parameter.empty and key not in kwargs:
+  LOSSES.check_keys(name, kwargs, key_prefix="loss")
+  for key, default in LOSSES.parameters(name).items():
+    if default is inspect.Parameter.empty and key not in kwargs:
       source = " (the trainer passes it from the dataset manifest)" if key in CONTEXT_PARAMS else ""
       raise InputError(f"loss {name!r} needs {key}{source}")
-  fns = factory(**kwargs)
+  fns = LOSSES.get(name)(**kwargs)
   if not isinstance(fns, LossFns):
     fns = LossFns(per_label=fns)
   shown = {k: v for k, v in kwargs.items() if k not in CONTEXT_PARAMS}
@@ -145,44 +142,57 @@ def get_per_example_loss(name: str, **kwargs) -> Callable[[jax.Array, jax.Array]
   return build(name, **kwargs).per_example
 
 
+def config(name: str = "bce", **overrides: Any) -> ml_collections.ConfigDict:
+  """`config.loss` for loss `name`: `name` and that loss's own parameters, defaults updated by `overrides`.
+
+  Config files write `c.loss = losses.config("focal", gamma=3.0)`; the command line picks a loss with the
+  config file's argument (`--config=configs/demo.py:loss=focal`, see `configlib.loss_argument`), after
+  which `--config.loss.gamma=3` overrides a key, since the key is there. Not type-safe, so a config file
+  may replace "auto" by a list; on the command line a list is given as a string, e.g.
+  `--config.loss.positives='[120, 7, 33]'`.
+  """
+  _check_keys(name, overrides)
+  cfg = ml_collections.ConfigDict({"name": name}, type_safe=False)
+  for key, default in sorted(LOSSES.parameters(name, exclude=CONTEXT_PARAMS).items()):
+    value = overrides.get(key, default)
+    # None means "off" (focal's alpha): a typed placeholder lets `--config.loss.alpha=0.25` parse.
+    cfg[key] = config_dict.placeholder(float) if value is None else value
+  return cfg
+
+
+def check_config(loss_cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
+  """The loss name of `config.loss` after checking that it names a loss and holds only that loss's keys.
+
+  Raises a one-line InputError naming `config.loss.<key>` and listing the loss's valid keys.
+  """
+  cfg = _as_dict(loss_cfg)
+  name = cfg.pop("name", None)
+  if not name:
+    raise InputError(f"config.loss.name is missing; valid names: {LOSSES.names()}")
+  _check_keys(name, cfg)
+  return name
+
+
 def from_config(loss_cfg: ml_collections.ConfigDict | Mapping[str, Any], *,
                 positives: np.ndarray | None, num_examples: int | None,
                 ancestor_matrix: np.ndarray) -> Objective:
   """The trainer's entry point: `loss_cfg.name` picks the loss, its other keys are the parameters.
 
   Args:
-    loss_cfg: e.g. `default_config()` after command-line overrides. Keys that belong to another registered
-      loss are ignored while they keep their default value (a shared config lists all losses' keys) and
-      are an error otherwise (`--config.loss.name=bce --config.loss.gamma=3` is a mistake).
+    loss_cfg: e.g. `config()` after command-line overrides. Every key but `name` must be a parameter of
+      that loss (`check_config`); parameters it lacks take their defaults.
     positives: per-label positive counts of the training split (its manifest), used where a class
       statistic is "auto"; give the hierarchical counts when training on closed labels.
     num_examples: number of training examples, likewise.
     ancestor_matrix: R of the dataset manifest's taxonomy; fixes L and feeds `chmcnn`.
   """
-  cfg = loss_cfg.to_dict() if isinstance(loss_cfg, ml_collections.ConfigDict) else dict(loss_cfg)
-  name = cfg.pop("name", None)
-  if not name:
-    raise InputError(f"loss.name is missing; valid names: {LOSSES.names()}")
-  params = _parameters(LOSSES.get(name))
-  shared = _shared_defaults()
-  kwargs: dict[str, Any] = {}
-  for key, value in cfg.items():
-    if key in CONTEXT_PARAMS:
-      raise InputError(f"loss.{key} cannot be set in the config: it comes from the dataset manifest")
-    if key in params:
-      kwargs[key] = value
-    elif key not in shared:
-      raise InputError(f"loss.{key} is not a parameter of any loss; loss {name!r} takes "
-                       f"{sorted(k for k in params if k not in CONTEXT_PARAMS)}")
-    elif not _same_value(value, shared[key]):
-      owners = [n for n in LOSSES.names() if key in _parameters(LOSSES.get(n))]
-      own = sorted(k for k in params if k not in CONTEXT_PARAMS)
-      raise InputError(f"loss.{key}={value!r} is set, but loss {name!r} does not take it (it belongs to "
-                       f"{owners}); loss {name!r} takes {own}")
+  name = check_config(loss_cfg)
+  kwargs = {k: v for k, v in _as_dict(loss_cfg).items() if k != "name"}
+  params = LOSSES.parameters(name)
   stats = {"positives": positives, "num_examples": num_examples}
   for key in STAT_PARAMS:
     # Left as "auto" when no statistics were given: the loss errors only if it really needs them.
-    if key in params and _is_auto(kwargs.get(key, params[key].default)) and stats[key] is not None:
+    if key in params and _is_auto(kwargs.get(key, params[key])) and stats[key] is not None:
       kwargs[key] = stats[key]
   if "ancestor_matrix" in params:
     kwargs["ancestor_matrix"] = ancestor_matrix
@@ -194,47 +204,61 @@ def from_config(loss_cfg: ml_collections.ConfigDict | Mapping[str, Any], *,
   return objective
 
 
-def default_config(name: str = "bce") -> ml_collections.ConfigDict:
-  """`name` plus every registered loss's parameters with their defaults, so any of them can be overridden
-  on the command line. Not type-safe, so a config file may replace "auto" by a list; on the command line a
-  list is given as a string, e.g. `--config.loss.positives='[120, 7, 33]'`.
-  """
-  LOSSES.get(name)
-  cfg = ml_collections.ConfigDict({"name": name}, type_safe=False)
-  for key, default in sorted(_shared_defaults().items()):
-    # None means "off" (focal's alpha): a typed placeholder lets `--config.loss.alpha=0.25` parse.
-    cfg[key] = config_dict.placeholder(float) if default is None else default
-  return cfg
-
-
 def names() -> list[str]:
   return LOSSES.names()
 
 
-def _parameters(factory: Callable[..., Any]) -> dict[str, inspect.Parameter]:
-  return dict(inspect.signature(factory).parameters)
+def _as_dict(loss_cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+  return loss_cfg.to_dict() if isinstance(loss_cfg, ml_collections.ConfigDict) else dict(loss_cfg)
 
 
-def _shared_defaults() -> dict[str, Any]:
-  """Config key -> default over all registered losses; a key shared by two losses must share its default."""
-  defaults: dict[str, Any] = {}
-  for loss_name in LOSSES.names():
-    for key, p in _parameters(LOSSES.get(loss_name)).items():
-      if key in CONTEXT_PARAMS:
-        continue
-      if key in defaults and not _same_value(defaults[key], p.default):
-        raise ValueError(f"loss parameter {key!r} has different defaults in different losses")
-      defaults[key] = p.default
-  return defaults
+def _check_keys(name: str, keys: Mapping[str, Any]) -> None:
+  for key in keys:
+    if key in CONTEXT_PARAMS:
+      raise InputError(f"config.loss.{key} cannot be set in the config: it comes from the dataset manifest")
+  LOSSES.check_keys(name, keys, key_prefix="config.loss", exclude=CONTEXT_PARAMS,
+                    owner_hint="; to switch losses, append :loss=<name> to --config (docs/losses.md)")
 
 
-def _same_value(a: Any, b: Any) -> bool:
-  if isinstance(a, (str, type(None))) or isinstance(b, (str, type(None))):
-    return a == b
-  try:
-    return bool(np.array_equal(np.asarray(a), np.asarray(b)))
-  except (TypeError, ValueError):
-    return False
+# distribution_balanced's keys before each loss had its own config, when all losses shared one namespace
+# and a `db_` prefix kept them apart from focal's `alpha` and `gamma`.
+_PREFIXED_DB_KEYS = {f"db_{key}": key for key in ("alpha", "beta", "mu", "neg_scale", "init_bias", "focal",
+                                                  "balance_param", "gamma")}
+# Retired before that (db_kappa: the paper's shift, which cannot express the authors' init_bias;
+# db_lambda: now neg_scale); a run trained with them cannot be rebuilt with today's loss.
+_RETIRED_DB_KEYS = ("db_kappa", "db_lambda")
+
+
+def upgrade_saved_config(loss_dict: Mapping[str, Any], *, where: str) -> dict[str, Any]:
+  """A saved `config.loss` (a workdir's config.json) in today's form: `name` and that loss's own keys.
+
+  Earlier versions saved every registered loss's keys in one namespace, distribution_balanced's with a
+  `db_` prefix. This keeps the keys of the saved loss (renaming distribution_balanced's `db_*` keys, and
+  then ignoring the unprefixed `alpha`/`gamma`, which were focal's) and drops the others; a config already
+  in today's form comes back unchanged.
+
+  Args:
+    loss_dict: the saved `loss` section.
+    where: what errors name, e.g. the config.json path.
+
+  Raises:
+    InputError: a missing or unknown loss name, or a distribution_balanced run trained with the retired
+      `db_kappa`/`db_lambda` (today's loss cannot reproduce it).
+  """
+  saved = dict(loss_dict)
+  name = saved.get("name")
+  if name not in LOSSES:
+    raise InputError(f"{where}: loss.name={name!r} is not a registered loss; valid names: {LOSSES.names()}")
+  if name == "distribution_balanced":
+    retired = sorted(k for k in _RETIRED_DB_KEYS if k in saved)
+    if retired:
+      raise InputError(f"{where}: trained with the earlier distribution_balanced parameters {retired}, "
+                       "which the loss no longer has; give --config with today's keys (docs/losses.md)")
+    if any(old in saved for old in _PREFIXED_DB_KEYS):
+      saved = {**{k: saved[k] for k in STAT_PARAMS if k in saved},
+               **{new: saved[old] for old, new in _PREFIXED_DB_KEYS.items() if old in saved}}
+  own = LOSSES.parameters(name, exclude=CONTEXT_PARAMS)
+  return {"name": name, **{k: v for k, v in saved.items() if k in own}}
 
 
 def _is_auto(value: Any) -> bool:
@@ -451,42 +475,43 @@ def asl(*, gamma_neg: float = 4.0, gamma_pos: float = 1.0, clip: float = 0.05, f
 
 # The authors' released DB-Focal configs (wutong16/DistributionBalancedLoss,
 # configs/{voc,coco}/LT_resnet50_pfc_DB.py) in our keys; VOC-MLT is the default. In a config file:
-# `c.loss.update(losses.DB_SETTINGS["coco_mlt"])`.
+# `c.loss = losses.config("distribution_balanced", **losses.DB_SETTINGS["coco_mlt"])`.
 DB_SETTINGS = {
-    "voc_mlt": {"db_alpha": 0.1, "db_beta": 10.0, "db_mu": 0.3, "db_neg_scale": 5.0, "db_init_bias": 0.05,
-                "db_focal": True, "db_balance_param": 2.0, "db_gamma": 2.0},
+    "voc_mlt": {"alpha": 0.1, "beta": 10.0, "mu": 0.3, "neg_scale": 5.0, "init_bias": 0.05, "focal": True,
+                "balance_param": 2.0, "gamma": 2.0},
 }
-DB_SETTINGS["coco_mlt"] = {**DB_SETTINGS["voc_mlt"], "db_mu": 0.2, "db_neg_scale": 2.0}
+DB_SETTINGS["coco_mlt"] = {**DB_SETTINGS["voc_mlt"], "mu": 0.2, "neg_scale": 2.0}
 
 
 @register("distribution_balanced")
-def distribution_balanced(*, positives: Any = AUTO, num_examples: Any = AUTO, db_alpha: float = 0.1,
-                          db_beta: float = 10.0, db_mu: float = 0.3, db_neg_scale: float = 5.0,
-                          db_init_bias: float = 0.05, db_focal: bool = True, db_balance_param: float = 2.0,
-                          db_gamma: float = 2.0) -> PerLabelFn:
+# `focal` is the authors' key; it hides the focal loss's factory, which this one does not call.
+def distribution_balanced(  # pylint: disable=redefined-outer-name
+    *, positives: Any = AUTO, num_examples: Any = AUTO, alpha: float = 0.1, beta: float = 10.0,
+    mu: float = 0.3, neg_scale: float = 5.0, init_bias: float = 0.05, focal: bool = True,
+    balance_param: float = 2.0, gamma: float = 2.0) -> PerLabelFn:
   """Distribution-Balanced loss (Wu et al., "Distribution-Balanced Loss for Multi-Label Classification in
   Long-Tailed Datasets", ECCV 2020) as the authors' `ResampleLoss` computes it
   (wutong16/DistributionBalancedLoss, mllt/models/losses/resample_loss.py) with use_sigmoid=True,
   reweight_func='rebalance', weight_norm=None, loss_weight=1 and, by default, their VOC-MLT config
   (`DB_SETTINGS`). n_i = positives of label i, N = num_examples.
 
-  Re-balanced weight (paper eqs. 3-5; their `rebalance_weight`, map_param alpha, beta, gamma = db_alpha,
-  db_beta, db_mu), for instance k::
+  Re-balanced weight (paper eqs. 3-5; their `rebalance_weight`, map_param alpha, beta, gamma = alpha,
+  beta, mu), for instance k::
 
-      r^k_i = (1/n_i) / sum_{j: y^k_j = 1} 1/n_j,   r_hat^k_i = db_alpha + sigmoid(db_beta (r^k_i - db_mu))
+      r^k_i = (1/n_i) / sum_{j: y^k_j = 1} 1/n_j,   r_hat^k_i = alpha + sigmoid(beta (r^k_i - mu))
 
-  An instance with no positive label has r = inf, so r_hat = db_alpha + 1, as theirs.
+  An instance with no positive label has r = inf, so r_hat = alpha + 1, as theirs.
 
-  Logit regularisation (their `logit_reg_functions`; init_bias = db_init_bias, λ = neg_scale)::
+  Logit regularisation (their `logit_reg_functions`; init_bias, λ = neg_scale)::
 
-      b_i = -log(N / n_i - 1)   (the logit of the prior n_i / N),   s = z + db_init_bias * b_i / λ
+      b_i = -log(N / n_i - 1)   (the logit of the prior n_i / N),   s = z + init_bias * b_i / λ
       loss_i = r_hat_i [ y_i CE(s_i) + (1/λ) (1 - y_i) CE(-λ s_i) ],   CE(x) = -log sigmoid(x)
 
   Focal term (their focal=dict(focal, balance_param, gamma); on in both their configs, the paper's
-  DB-Focal): each CE is multiplied by db_balance_param (1 - p_t)^db_gamma with p_t = exp(-CE), i.e. from
-  the regularised logit, and the factor is differentiated. With db_focal=False there is no balance_param.
+  DB-Focal): each CE is multiplied by balance_param (1 - p_t)^gamma with p_t = exp(-CE), i.e. from the
+  regularised logit, and the factor is differentiated. With focal=False there is no balance_param.
 
-  The paper's eqs. 7-8 shift by -ν = -κ b_i in both terms; that is db_init_bias = -κ λ (docs/losses.md).
+  The paper's eqs. 7-8 shift by -ν = -κ b_i in both terms; that is init_bias = -κ λ (docs/losses.md).
   n_i is clipped to [1, N - 1] (theirs would divide by zero). Their reduction is the mean over examples
   and labels, as ours. Labels are meant to be binary (soft labels interpolate the two terms linearly).
   Predictions use sigmoid(z), without the shift.
@@ -494,14 +519,14 @@ def distribution_balanced(*, positives: Any = AUTO, num_examples: Any = AUTO, db
   pos, n = _class_stats(positives, num_examples)
   if n < 2:
     raise InputError(f"loss.num_examples must be >= 2 for distribution_balanced, got {n:g}")
-  alpha = _number(db_alpha, "db_alpha", low=0.0)
-  beta = _number(db_beta, "db_beta", low=0.0)
-  mu = _number(db_mu, "db_mu")
-  lam = _number(db_neg_scale, "db_neg_scale", low=0.0, low_open=True)
-  init_bias = _number(db_init_bias, "db_init_bias")
-  focal_on = _flag(db_focal, "db_focal")
-  balance = _number(db_balance_param, "db_balance_param", low=0.0)
-  gamma = _number(db_gamma, "db_gamma", low=0.0)
+  alpha = _number(alpha, "alpha", low=0.0)
+  beta = _number(beta, "beta", low=0.0)
+  mu = _number(mu, "mu")
+  lam = _number(neg_scale, "neg_scale", low=0.0, low_open=True)
+  init_bias = _number(init_bias, "init_bias")
+  focal_on = _flag(focal, "focal")
+  balance = _number(balance_param, "balance_param", low=0.0)
+  gamma = _number(gamma, "gamma", low=0.0)
   counts = np.clip(pos, 1.0, n - 1.0)
   freq_inv = (1.0 / counts).astype(np.float32)
   shift = (-np.log(n / counts - 1.0) * init_bias / lam).astype(np.float32)

@@ -49,8 +49,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from wikitopics_jax import host_allocator
-from wikitopics_jax.bench import cli as bench_cli  # defines the bench flags (--suites, --tiny, --out)
+from wikitopics_jax.bench import cli as bench_cli  # defines the flags of `wikitopics bench`
 
+_OUT = flags.DEFINE_string("out", None, "Output path: bench (the JSON report, default bench.json), "
+                           "predict, report, fetch, stats, categories, label.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints, metrics, results).")
@@ -157,7 +159,7 @@ COMMAND_FLAGS = {
     "stats": ("data_dir", "split", "out", "resampling"),
     "categories": ("dump", "dump_index", "out", "wit_tsv", "labels", "num_workers"),
     "label": ("graph", "files", "out", "taxonomy", "heuristics", "hierarchical", "evaluate"),
-    "bench": bench_cli.FLAG_NAMES,
+    "bench": (*bench_cli.FLAG_NAMES, "out"),
 }
 # Process set-up, taken by every command (as are absl's own flags: --flagfile, -v, --help, ...).
 COMMON_FLAGS = ("verbose", "jax_cache_dir", "host_malloc", "distributed", "coordinator_address",
@@ -211,7 +213,7 @@ def _evaluate():
 def _predict():
   from wikitopics_jax.eval import predict  # pylint: disable=g-import-not-at-top
   run = predict.predict(
-      _required(_WORKDIR, "predict"), out_path=_required(bench_cli.OUT_FLAG, "predict"),
+      _required(_WORKDIR, "predict"), out_path=_required(_OUT, "predict"),
       images_dir=_IMAGES_DIR.value, data_dir=_DATA_DIR.value,
       split=(_SPLIT.value or "test") if _DATA_DIR.value else None, checkpoint=_CHECKPOINT.value,
       thresholds=_THRESHOLDS.value, coherent=_COHERENT.value, jsonl=_JSONL.value,
@@ -222,7 +224,7 @@ def _predict():
 
 def _report():
   from wikitopics_jax.eval import report  # pylint: disable=g-import-not-at-top
-  out = bench_cli.OUT_FLAG.value if bench_cli.OUT_FLAG.present else None
+  out = _OUT.value if _OUT.present else None
   path = report.build_report(_required(_WORKDIR, "report"), split=_SPLIT.value or "test",
                              checkpoint=_CHECKPOINT.value, out_dir=out, config_override=_CONFIG.value)
   print(f"report: {path}")
@@ -272,7 +274,7 @@ def _ingest():
 
 def _fetch():
   from wikitopics_jax.data import thumbnails  # pylint: disable=g-import-not-at-top
-  report = thumbnails.run_fetch(_required(bench_cli.OUT_FLAG, "fetch"), width=_WIDTH.value,
+  report = thumbnails.run_fetch(_required(_OUT, "fetch"), width=_WIDTH.value,
                                 user_agent=_required(_USER_AGENT, "fetch"),
                                 labels=_files(_LABELS.value), wit_tsv=_files(_WIT_TSV.value),
                                 extensions=_EXTENSIONS.value or (), max_workers=_MAX_WORKERS.value,
@@ -293,8 +295,8 @@ def _stats():
     stats["resampled"] = {"method": method, **params, **after}
     print(label_stats.format_table(after["flat"], after["hierarchical"],
                                    kinds=(f"Flat, {method}", f"Hierarchical, {method}")))
-  if bench_cli.OUT_FLAG.present:
-    out = bench_cli.OUT_FLAG.value
+  if _OUT.present:
+    out = _OUT.value
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"stats_{split}.json"), "w") as f:
       json.dump(stats, f, indent=1)
@@ -347,7 +349,7 @@ def _categories():
     raise InputError("categories: give --wit_tsv or --labels, not both")
   if _WORKERS.value < 0:
     raise InputError(f"--num_workers={_WORKERS.value}: must be >= 0 (0 = all CPUs)")
-  out = _required(bench_cli.OUT_FLAG, "categories")
+  out = _required(_OUT, "categories")
   summary = dump.run_categories(_required(_DUMP, "categories"), out, index=_DUMP_INDEX.value,
                                 wit_tsv=_files(_WIT_TSV.value), labels=_files(_LABELS.value),
                                 num_workers=_WORKERS.value)
@@ -372,18 +374,18 @@ def _label():
     rep = human_eval.evaluate(labeller, _files(_EVALUATE.value))
     print(f"{rep['images']} annotated images, heuristics {rep['heuristics']}, taxonomy {tax.version}")
     print(human_eval.format_report(rep, tax.labels))
-    if bench_cli.OUT_FLAG.value:
-      with open(bench_cli.OUT_FLAG.value, "w", encoding="utf-8") as f:
+    if _OUT.value:
+      with open(_OUT.value, "w", encoding="utf-8") as f:
         f.write(human_eval.to_json(rep))
     return
-  out = _required(bench_cli.OUT_FLAG, "label")
+  out = _required(_OUT, "label")
   counts = heuristics.write_labels_table(labeller, _FILES.value, out)
   print(f"{out}: {counts['files']} files, {counts['labelled']} with labels; "
         f"{labeller.stats()}")
 
 
 def _bench():
-  report = bench_cli.run_from_flags()
+  report = bench_cli.run_from_flags(_OUT.value)
   if report.get("failed"):
     sys.exit(1)
 
@@ -433,6 +435,9 @@ def _parse_error(error: Exception, argv: list[str]) -> str:
     named = [o for o in overrides if key in o.split(".")[1:]] or overrides
     flag = f"--{named[0]}" if named else where
     hint = f"; {_one_line(hint)}" if hint else ""
+    if flag.startswith("--config.loss."):
+      # Each loss owns its keys: another loss's key exists only once that loss is chosen.
+      hint += "; a key of another loss needs that loss: append :loss=<name> to --config (docs/losses.md)"
     return f"{flag}: the config ({where}) has no key {key!r}{hint}"
   message = str(error).strip()
   if (isinstance(error, flags.UnrecognizedFlagError) and error.flagname.startswith("config.")

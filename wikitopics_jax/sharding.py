@@ -39,6 +39,16 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+class Placement:
+  """Shardings of one job's state (replicated) and batches (split over the data axis) on the mesh."""
+
+  def __init__(self, mesh: Mesh, state: Any):
+    self.mesh = mesh
+    self.replicated = replicated(mesh)
+    self.batch = batch_sharded(mesh)
+    self.state = jax.tree.map(lambda _: self.replicated, state)
+
+
 def per_process_batch_size(global_batch_size: int, mesh: Mesh, *, key: str = "config.batch_size") -> int:
   """Checks divisibility and returns how many examples each process loads per step."""
   num_devices = mesh.devices.size

@@ -37,9 +37,6 @@ class Task:
   num_trainable_params: int = 0  # Params the optimiser updates (all unless config.trainable_layers).
   ema_decay: float = 0.0         # > 0: the optimiser state keeps an EMA of the trainable Params.
 
-  def pure_state(self) -> Any:
-    return nnx.to_pure_dict(self.state)
-
 
 def objective_for(config: ml_collections.ConfigDict, manifest: manifest_lib.Manifest):
   hierarchical = bool(config.data.hierarchical)
@@ -71,7 +68,8 @@ def build(config: ml_collections.ConfigDict, manifest: manifest_lib.Manifest, *,
   model = models.create_model(model_config_for(config, manifest), num_labels=num_labels, rngs=rngs)
   pretrained.init_from_config(config, model)  # config.init
   # config.trainable_layers: frozen Params get no optimiser state, frozen BatchNorms keep their stats.
-  trainable = models.set_trainable_layers(model, config.get("trainable_layers"))
+  # Every model family implements `set_trainable_layers` (returns the filter of trainable Params).
+  trainable = model.set_trainable_layers(config.get("trainable_layers"))
   ema_decay = float(config.get("ema", {}).get("decay", 0.0) or 0.0)
   tx, schedule = optimizers.make_optimizer(config.optimizer, config.schedule, total_steps=total_steps,
                                            ema_decay=ema_decay)

@@ -176,6 +176,19 @@ class Taxonomy:
                seeds=seeds)
 
 
+def check_saved(meta: dict, taxonomy: Taxonomy, where: str) -> None:
+  """A checkpoint's saved taxonomy (meta["taxonomy"]) must be the dataset's: same labels, same parents."""
+  saved = meta.get("taxonomy")
+  current = taxonomy.to_json()
+  if saved is not None and saved != current:
+    if saved.get("labels") != current["labels"]:
+      raise InputError(f"{where}: checkpoint taxonomy {saved.get('version')!r} has labels "
+                       f"{saved.get('labels')} but the dataset's ({current['version']!r}) are "
+                       f"{current['labels']}")
+    raise InputError(f"{where}: checkpoint taxonomy {saved.get('version')!r} differs from the "
+                     f"dataset's {current['version']!r} in its parent relations")
+
+
 def shipped_versions() -> list[str]:
   return sorted(f[:-5] for f in os.listdir(_SHIPPED_DIR) if f.endswith(".json"))
 

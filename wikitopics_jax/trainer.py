@@ -6,7 +6,6 @@ and the data iterator's position); the dataset's taxonomy must equal the checkpo
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import math
@@ -25,7 +24,9 @@ from flax import nnx
 from wikitopics_jax.data import augment
 from wikitopics_jax.data import augment_device
 from wikitopics_jax import checkpointing
+from wikitopics_jax import files
 from wikitopics_jax.eval import evaluation
+from wikitopics_jax.eval import evaluators
 from wikitopics_jax.eval import label_stats
 from wikitopics_jax.data import manifest as manifest_lib
 from wikitopics_jax import metric_writer
@@ -36,11 +37,9 @@ from wikitopics_jax import sharding as sharding_lib
 from wikitopics_jax import steps as steps_lib
 from wikitopics_jax.data import synthetic
 from wikitopics_jax import task as task_lib
+from wikitopics_jax import taxonomy as taxonomy_lib
 from wikitopics_jax.eval import thresholds as thresholds_lib
 from wikitopics_jax.errors import InputError
-
-THRESHOLDS_FILE = "thresholds.json"
-
 
 def prepare_data(config: ml_collections.ConfigDict) -> manifest_lib.Manifest:
   """Generates the embedded synthetic dataset if the config asks for it (reused when present)."""
@@ -51,38 +50,6 @@ def prepare_data(config: ml_collections.ConfigDict) -> manifest_lib.Manifest:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("synthetic data ready")
   return manifest_lib.read(config.data.dir)
-
-
-def check_taxonomy(meta: dict[str, Any], manifest: manifest_lib.Manifest, where: str) -> None:
-  saved = meta.get("taxonomy")
-  current = manifest.taxonomy.to_json()
-  if saved is not None and saved != current:
-    if saved.get("labels") != current["labels"]:
-      raise InputError(f"{where}: checkpoint taxonomy {saved.get('version')!r} has labels "
-                       f"{saved.get('labels')} but the dataset's ({current['version']!r}) are "
-                       f"{current['labels']}")
-    raise InputError(f"{where}: checkpoint taxonomy {saved.get('version')!r} differs from the "
-                     f"dataset's {current['version']!r} in its parent relations")
-
-
-class Placement:
-  """Shardings of one job's state and batches on the mesh."""
-
-  def __init__(self, mesh, state):
-    self.mesh = mesh
-    self.replicated = sharding_lib.replicated(mesh)
-    self.batch = sharding_lib.batch_sharded(mesh)
-    self.state = jax.tree.map(lambda _: self.replicated, state)
-
-
-def restore_state(ckpt: checkpointing.Checkpointer, step: int, task: task_lib.Task,
-                  placement: Placement, *, data_iterator=None) -> Any:
-  """Checkpoint `step` -> the task's state placed on the mesh (and the data iterator, if given)."""
-  like = nnx.to_pure_dict(task.state)
-  flat, _ = ckpt.restore(step, checkpointing.abstract_checkpoint_tree(like, placement.replicated),
-                         data_iterator=data_iterator)
-  nnx.replace_by_pure_dict(task.state, checkpointing.from_checkpoint_tree(flat, like))
-  return sharding_lib.put_replicated(task.state, placement.replicated)
 
 
 def predict(config: ml_collections.ConfigDict, eval_step, state, split: str, mesh) -> dict[str, np.ndarray]:
@@ -109,7 +76,7 @@ def tune_thresholds(config, workdir, eval_step, state, mesh, label_names, step
     def nullable(values):  # NaN = the label had no positives in that subset.
       return [None if math.isnan(v) else float(v) for v in values]
     thresholds_lib.save_thresholds(
-        os.path.join(workdir, THRESHOLDS_FILE), tuned.thresholds, label_names, rules=tuned.rules,
+        os.path.join(workdir, thresholds_lib.THRESHOLDS_FILE), tuned.thresholds, label_names, rules=tuned.rules,
         # Closed labels are the ground truth: predictions are closed the same way.
         close_predictions=bool(config.data.hierarchical),
         meta={"checkpoint_step": int(step), "split": config.data.threshold_split,
@@ -238,13 +205,11 @@ def _truncate_metrics(workdir: str, last_step: int) -> None:
         kept.append(line)
     except (json.JSONDecodeError, KeyError):
       continue  # a line torn by a kill
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with files.atomic_open(path) as f:
     f.writelines(kept)
-  os.replace(tmp, path)
 
 
-def _init_from_checkpoint(init_from: str, task: task_lib.Task, placement: "Placement") -> None:
+def _init_from_checkpoint(init_from: str, task: task_lib.Task, placement: sharding_lib.Placement) -> None:
   """Fine-tuning start: model variables (not optimiser state) from another run's best checkpoint."""
   directory = init_from
   if os.path.isdir(os.path.join(init_from, "checkpoints")):
@@ -291,7 +256,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise InputError(f"config.nan_policy={config.nan_policy!r}; valid: 'stop', 'skip'")
 
   task = task_lib.build(config, manifest, total_steps=total_steps)
-  placement = Placement(mesh, task.state)
+  placement = sharding_lib.Placement(mesh, task.state)
+  validation = evaluators.during_training(config.evals)
+  _check_best_metric(config, validation)
+  context = evaluation_context(config, manifest, task.label_names)
+
+  def validate(step_fn, state, prefix: str = "") -> dict[str, float]:
+    """The during-training evaluators' scalar metrics; each split is predicted once."""
+    by_split: dict[str, dict[str, np.ndarray]] = {}
+    out = {}
+    for ev in validation:
+      if ev.split not in by_split:
+        by_split[ev.split] = predict(config, step_fn, state, ev.split, mesh)
+      out.update(evaluators.scalar_metrics(ev.name, ev.evaluate(by_split[ev.split], context), prefix))
+    return out
   augmentations = augmentations_for(config)
   on_device = bool(augmentations) and config.data.augment_on == "device"
   train_step = steps_lib.make_train_step(
@@ -323,8 +301,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start_step = 0
   if ckpt.latest_step() is not None:
     def resume(step):
-      check_taxonomy(ckpt.restore_meta(step), manifest, where=f"{workdir} step {step}")
-      return restore_state(ckpt, step, task, placement, data_iterator=train_iter)
+      taxonomy_lib.check_saved(ckpt.restore_meta(step), manifest.taxonomy, where=f"{workdir} step {step}")
+      return checkpointing.restore_state(ckpt, step, task.state, placement, data_iterator=train_iter)
     # A corrupt latest checkpoint is reported, moved aside, and training resumes from the newest
     # valid one; the steps after it are replayed exactly.
     latest, state = ckpt.restore_newest(resume, log=_log)
@@ -339,7 +317,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   writer = metric_writer.MetricWriter(workdir)
   _log(f"model {config.model.name}: {task.num_params:,} parameters "
-       f"({getattr(task, 'num_trainable_params', task.num_params):,} trainable); "
+       f"({task.num_trainable_params:,} trainable); "
        f"{mesh.devices.size} devices in {jax.process_count()} processes; global batch "
        f"{config.batch_size}; {steps_per_epoch} steps/epoch; {total_steps} steps")
   preemption = _Preemption()
@@ -417,17 +395,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                f"{float(last['loss']):.4f} {steps_per_s * config.batch_size:.0f} img/s eta {eta:.0f}s")
           t_window, window_steps = time.perf_counter(), 0
       val_metrics = None
-      if is_eval:
-        val = predict(config, eval_step, state, config.data.val_split, mesh)
-        val_ap, _ = metrics_lib.macro_average_precision(val["labels"], val["probs"])
-        val_metrics = {"val_loss": float(val["loss"].mean()), "val_macro_ap": float(val_ap)}
-        message = f"step {step}: val_loss {val_metrics['val_loss']:.4f} val_macro_ap {val_ap:.4f}"
+      if is_eval and validation:
+        val_metrics = validate(eval_step, state)
+        message = f"step {step}: " + _metrics_text(val_metrics)
         if ema_eval_step is not None:
-          ema_val = predict(config, ema_eval_step, state, config.data.val_split, mesh)
-          ema_ap, _ = metrics_lib.macro_average_precision(ema_val["labels"], ema_val["probs"])
-          val_metrics.update(ema_val_loss=float(ema_val["loss"].mean()), ema_val_macro_ap=float(ema_ap))
-          message += (f"; EMA: val_loss {val_metrics['ema_val_loss']:.4f} val_macro_ap "
-                      f"{ema_ap:.4f}")
+          ema_metrics = validate(ema_eval_step, state, prefix="ema_")
+          val_metrics.update(ema_metrics)
+          message += "; EMA: " + _metrics_text(ema_metrics, strip="ema_")
         writer.write(step, val_metrics)
         _log(message)
       if is_checkpoint or preempted:
@@ -470,44 +444,52 @@ def evaluate_best(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   tunes per-class thresholds with them and evaluates them on the test split."""
   workdir = os.path.abspath(workdir)
   manifest = manifest_lib.read(config.data.dir)
-  train_info = manifest.split(config.data.train_split, where=config.data.dir)
   mesh = sharding_lib.make_mesh(config.mesh.get("num_devices"))
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True,
                                     best_metric=config.checkpoint.best_metric,
                                     best_mode=config.checkpoint.best_mode)
   best_step = ckpt.best_step() or ckpt.latest_step()
   task = task_lib.build(config, manifest, total_steps=max(best_step, 1))
-  placement = Placement(mesh, task.state)
+  placement = sharding_lib.Placement(mesh, task.state)
   eval_step = steps_lib.make_eval_step(task, state_sharding=placement.state,
                                        batch_sharding=placement.batch)
-  state = restore_state(ckpt, best_step, task, placement)
-  train_frequencies = train_info.positives(config.data.hierarchical) / train_info.num_examples
+  state = checkpointing.restore_state(ckpt, best_step, task.state, placement)
+  report, others = evaluators.after_training(config.evals)
+  context = evaluation_context(config, manifest, task.label_names)
   thresholds = tune_thresholds(config, workdir, eval_step, state, mesh, task.label_names, best_step)
-  test = predict(config, eval_step, state, config.data.test_split, mesh)
-  summarize = functools.partial(evaluation.summarize, test, label_names=task.label_names,
-                                train_frequencies=train_frequencies,
-                                ancestor_matrix=manifest.taxonomy.ancestor_matrix)
-  result = summarize(thresholds=0.5)
-  result.update(split=config.data.test_split, checkpoint_step=best_step, thresholds_source="0.5")
-  thresholds_path = os.path.join(workdir, THRESHOLDS_FILE)
+  predictions: dict[str, dict[str, np.ndarray]] = {}
+
+  def run(step_fn, context, tag=""):
+    """The report evaluator on its split, the others on theirs under their names."""
+    def on(ev):
+      if tag + ev.split not in predictions:
+        predictions[tag + ev.split] = predict(config, step_fn, state, ev.split, mesh)
+      return predictions[tag + ev.split]
+    result = report.evaluate(on(report), context)
+    for ev in others:
+      result[ev.name] = {**ev.evaluate(on(ev), context), "split": ev.split}
+    result["other_evaluators"] = [ev.name for ev in others]
+    return result
+
+  result = run(eval_step, context)
+  result.update(split=report.split, evaluator=report.name, checkpoint_step=best_step,
+                thresholds_source="0.5")
+  thresholds_path = os.path.join(workdir, thresholds_lib.THRESHOLDS_FILE)
   if thresholds is not None:
     # Applied as evaluate and predict apply thresholds.json: closed on hierarchical labels.
-    result["at_tuned_thresholds"] = summarize(thresholds=thresholds.thresholds, rules=thresholds.rules,
-                                              close=bool(config.data.hierarchical))
+    result["at_tuned_thresholds"] = run(eval_step, context.with_thresholds(
+        thresholds.thresholds, thresholds.rules, close=bool(config.data.hierarchical)))
     result["at_tuned_thresholds"]["thresholds_source"] = f"tuned ({thresholds_path})"
   if task.ema_decay:
     ema_eval_step = steps_lib.make_eval_step(task, state_sharding=placement.state,
                                              batch_sharding=placement.batch, use_ema=True)
-    ema_test = predict(config, ema_eval_step, state, config.data.test_split, mesh)
-    result["ema"] = evaluation.summarize(ema_test, label_names=task.label_names, thresholds=0.5,
-                                         train_frequencies=train_frequencies,
-                                         ancestor_matrix=manifest.taxonomy.ancestor_matrix)
+    result["ema"] = run(ema_eval_step, context, tag="ema:")
     result["ema"]["decay"] = task.ema_decay
   # Only results.json: eval/ is the evaluate job's, one file per threshold rule.
   evaluation.write_json(os.path.join(workdir, "results.json"), result)
   ckpt.close()
   if jax.process_index() == 0:
-    print(f"\nTest split {config.data.test_split!r}, best checkpoint (step {best_step}, "
+    print(f"\nTest split {report.split!r}, best checkpoint (step {best_step}, "
           f"{config.checkpoint.best_mode} {config.checkpoint.best_metric}), threshold 0.5:\n"
           + metrics_lib.format_report(result), flush=True)
     if thresholds is not None:
@@ -533,6 +515,28 @@ def evaluate_best(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
             f"macro AP {ema['macro_ap']:.4f} (raw {result['macro_ap']:.4f}), macro F1 "
             f"{ema['f1']['macro']:.4f} (raw {result['f1']['macro']:.4f})", flush=True)
   return result
+
+
+def evaluation_context(config: ml_collections.ConfigDict, manifest: manifest_lib.Manifest,
+                       label_names) -> evaluators.Context:
+  train_info = manifest.split(config.data.train_split, where=config.data.dir)
+  return evaluators.Context(
+      label_names=tuple(label_names), ancestor_matrix=manifest.taxonomy.ancestor_matrix,
+      train_frequencies=train_info.positives(config.data.hierarchical) / train_info.num_examples)
+
+
+def _check_best_metric(config: ml_collections.ConfigDict, validation) -> None:
+  """The best checkpoint is chosen by a metric that a during-training evaluator writes."""
+  metric = config.checkpoint.best_metric
+  names = [ev.name for ev in validation]
+  if not any(metric.startswith(f"{p}{n}_") for n in names for p in ("", "ema_")):
+    raise InputError(f"config.checkpoint.best_metric={metric!r}: no during-training evaluator writes it "
+                     f"(they are {names}; metrics are <evaluator>_<metric>, e.g. 'val_loss')")
+
+
+def _metrics_text(metrics: dict[str, float], strip: str = "") -> str:
+  return " ".join(f"{k[len(strip):] if strip and k.startswith(strip) else k} {v:.4f}"
+                  for k, v in metrics.items())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

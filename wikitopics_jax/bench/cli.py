@@ -25,9 +25,6 @@ _SUITES = flags.DEFINE_list("suites", None, "Suites to run, in order (default: a
                             f"{','.join(runner.SUITE_ORDER)}).")
 _TINY = flags.DEFINE_bool("tiny", False, "Tiny sizes and few repeats: checks that every suite runs "
                           "(seconds to a minute each); the figures mean nothing.")
-# Shared with `wikitopics predict/report/fetch/stats`, where it names their output (no default there).
-OUT_FLAG = _OUT = flags.DEFINE_string("out", None, "Output path (bench: the JSON report, default "
-                                      "bench.json).")
 _MARKDOWN_OUT = flags.DEFINE_string("markdown_out", None, "Also write the markdown table there.")
 _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir", None, "Trace the timed steps of train_step into DIR with jax.profiler (view with "
@@ -38,13 +35,15 @@ _MODE = flags.DEFINE_enum(
     "MFU) or 'auto' (accelerator when jax.default_backend() != 'cpu').")
 _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", True, "Include torch.compile baselines on CPU "
                                    "(slow to compile on a small CPU).")
-# The flags of `wikitopics bench` (wikitopics_jax/main.py refuses the other commands' flags there).
-FLAG_NAMES = ("suites", "tiny", "out", "markdown_out", "profile_dir", "bench_mode", "torch_compile")
+# The flags of `wikitopics bench` besides --out, which each entry point defines itself
+# (wikitopics_jax/main.py refuses the other commands' flags there).
+FLAG_NAMES = ("suites", "tiny", "markdown_out", "profile_dir", "bench_mode", "torch_compile")
 _DEFAULT_JAX_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "wikitopics_jax", "xla")
 
 
-def run_from_flags() -> dict[str, Any]:
-  """Runs the suites the flags name, prints the table, writes the JSON; returns the report."""
+def run_from_flags(out: str | None = None) -> dict[str, Any]:
+  """Runs the suites the flags name, prints the table, writes the JSON to `out` (default
+  bench.json); returns the report."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Grain and Orbax log at INFO.
   import jax  # pylint: disable=g-import-not-at-top
@@ -65,7 +64,7 @@ def run_from_flags() -> dict[str, Any]:
   report = runner.run_suites(names, ctx)
   table = runner.markdown_table(report)
   print("\n" + table + "\n", flush=True)
-  out = _OUT.value or "bench.json"
+  out = out or "bench.json"
   runner.write_json(report, out)
   if _MARKDOWN_OUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_MARKDOWN_OUT.value)), exist_ok=True)
@@ -77,10 +76,10 @@ def run_from_flags() -> dict[str, Any]:
   return report
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], *, out: str | None = None) -> None:
   host_allocator.apply_flag()  # Before JAX starts its threads.
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; see --help")
-  report = run_from_flags()
+  report = run_from_flags(out)
   if report["failed"]:
     sys.exit(1)

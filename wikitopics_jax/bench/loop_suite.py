@@ -76,7 +76,7 @@ class _BareStep:
     manifest = manifest_lib.read(config.data.dir)
     mesh = sharding_lib.make_mesh(None)
     task = task_lib.build(config, manifest, total_steps=config.num_train_steps)
-    placement = trainer.Placement(mesh, task.state)
+    placement = sharding_lib.Placement(mesh, task.state)
     augment_fn = augment_device.from_augmentations(trainer.augmentations_for(config), config.seed)
     make = _trivial_train_step if trivial else steps_lib.make_train_step
     self.step = make(task, state_sharding=placement.state, batch_sharding=placement.batch,

@@ -133,7 +133,7 @@ def run(ctx: runner.Context) -> list[runner.Row]:
   positives = np.maximum(np.round(freqs * synthetic.WIT_SAMPLE_SIZE), 1)
   rows = []
   for name in losses.names():
-    objective = losses.from_config(losses.default_config(name), positives=positives,
+    objective = losses.from_config(losses.config(name), positives=positives,
                                    num_examples=synthetic.WIT_SAMPLE_SIZE,
                                    ancestor_matrix=tax.ancestor_matrix)
     y = tax.close(flat).astype(np.float32) if objective.hierarchical else flat

@@ -10,13 +10,14 @@ CPU mode (`jax.default_backend() == "cpu"`): B0 at 64x64 batch 64 and at 224x224
 against the same architecture in plain PyTorch (`torch_efficientnet`): eager NCHW, eager channels_last
 and `torch.compile` (channels_last; skipped with the error when it fails), with
 `torch.set_num_threads(cores)` (XLA's CPU backend uses every core). Another row measures the depthwise
-trick: our model with depthwise_impl "shifted" against "native" (`models/depthwise.py`); in
-`train_step`, one more the fused BatchNorm: batch_norm_impl "auto" (fused) against "nnx"
-(`models/batchnorm.py`). Rows record our step's page faults (`host_allocator.py`;
+trick: our model (kernels "xla_cpu") against the same model with the depthwise convolution left plain
+(`nnx.Conv` with `feature_group_count`; `models/xla_cpu/depthwise.py`); in `train_step`, one more the
+fused BatchNorm, against the same model with nnx.BatchNorm and autodiff
+(`models/xla_cpu/batchnorm.py`). Rows record our step's page faults (`host_allocator.py`;
 `--host_malloc=system` to compare).
 
-Accelerator mode: B0 and B2 at 64x64 and B0 at 224x224, bfloat16 compute, batch 256, depthwise "auto"
-(native). Rows give images/s per chip, step time, FLOPs per step and the model FLOPs utilisation
+Accelerator mode: B0 and B2 at 64x64 and B0 at 224x224, bfloat16 compute, batch 256, kernels "auto"
+(the plain "xla" layers). Rows give images/s per chip, step time, FLOPs per step and the model FLOPs utilisation
 (MFU = FLOPs per step / step time / the chip's peak, `PEAK_BF16_FLOPS`). PyTorch on CUDA (eager,
 channels_last, bf16 autocast) is the baseline when torch sees a GPU.
 
@@ -34,11 +35,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from wikitopics_jax import configlib
 from wikitopics_jax import host_allocator
 from wikitopics_jax.data import manifest as manifest_lib
 from wikitopics_jax.data import pipeline
+from wikitopics_jax.models import xla_cpu
 from wikitopics_jax import sharding as sharding_lib
 from wikitopics_jax import steps
 from wikitopics_jax import task as task_lib
@@ -130,30 +133,44 @@ def random_batch(setting: Setting, num_labels: int, seed: int = 0) -> dict[str, 
           "labels": (rng.random((setting.batch, num_labels)) < 0.1).astype(np.uint8)}
 
 
-def build_task(setting: Setting, depthwise_impl: str, batch_norm_impl: str = "auto") -> task_lib.Task:
-  """The trainer's Task for a dataset of `setting.image_size` images with taxonomy v1.3 (no files)."""
+def build_task(setting: Setting, skip: tuple[str, ...] = ()) -> task_lib.Task:
+  """The trainer's Task for a dataset of `setting.image_size` images with taxonomy v1.3 (no files).
+
+  Kernels "auto"; `skip` (kinds of `xla_cpu.KINDS`): the xla_cpu layers except those, to measure
+  one replacement alone.
+  """
   config = configlib.base_config()
   config.model.name = setting.model
   config.model.head = "gap"
   config.model.image_size = setting.image_size
   config.model.dtype = setting.dtype
-  config.model.depthwise_impl = depthwise_impl
-  config.model.batch_norm_impl = batch_norm_impl
+  config.model.kernels = "xla" if skip else "auto"
   config.model.depth_multiplier = setting.depth_multiplier
   config.data.hierarchical = False
   config.optimizer.learning_rate = LEARNING_RATE
   size = setting.image_size
   manifest = manifest_lib.Manifest(taxonomy=taxonomy_lib.load(TAXONOMY), image_shape=(size, size, 3),
                                    image_encoding="raw", splits={})
-  return task_lib.build(config, manifest, total_steps=1000)
+  task = task_lib.build(config, manifest, total_steps=1000)
+  if not skip:
+    return task
+  # The plain model's layers replaced in place as `models.create_model` does; the state is the same.
+  model, optimizer = nnx.merge(task.train_graphdef, task.state)
+  xla_cpu.apply(model, skip=skip)
+  model.eval()
+  eval_graphdef, _ = nnx.split((model, optimizer))
+  model.train()
+  train_graphdef, state = nnx.split((model, optimizer))
+  return dataclasses.replace(task, train_graphdef=train_graphdef, eval_graphdef=eval_graphdef,
+                             state=state)
 
 
 class OurStep:
   """Our compiled train or eval step on one device; `run()` does `steps_per_run` steps."""
 
-  def __init__(self, suite: str, setting: Setting, depthwise_impl: str, batch: dict[str, np.ndarray],
-               annotate: bool, batch_norm_impl: str = "auto"):
-    self.task = build_task(setting, depthwise_impl, batch_norm_impl)
+  def __init__(self, suite: str, setting: Setting, batch: dict[str, np.ndarray], annotate: bool,
+               skip: tuple[str, ...] = ()):
+    self.task = build_task(setting, skip)
     mesh = sharding_lib.make_mesh(1)
     replicated = sharding_lib.replicated(mesh)
     batch_sharding = sharding_lib.batch_sharded(mesh)
@@ -312,17 +329,17 @@ def _measure_setting(suite: str, setting: Setting, ctx: runner.Context,
   work = setting.batch * setting.steps_per_run
   ctx.log(f"[{suite}] {setting.describe()}: compiling")
   batch = random_batch(setting, num_labels)
-  ours = OurStep(suite, setting, "auto" if accelerator else "shifted", batch, annotate=profile)
+  ours = OurStep(suite, setting, batch, annotate=profile)
   candidates = [runner.Candidate("ours", ours.run, work=work)]
   labels = {}
   compile_seconds = {"ours": ours.compile_seconds}
   if not accelerator:
-    native = OurStep(suite, setting, "native", batch, annotate=False)
+    native = OurStep(suite, setting, batch, annotate=False, skip=("depthwise",))
     compile_seconds["native"] = native.compile_seconds
     candidates.append(runner.Candidate("native", native.run, work=work))
     labels["native"] = "NNX, depthwise native (lax grouped conv)"
     if suite == TRAIN:  # Evaluation never takes the fused BatchNorm path.
-      unfused = OurStep(suite, setting, "shifted", batch, annotate=False, batch_norm_impl="nnx")
+      unfused = OurStep(suite, setting, batch, annotate=False, skip=("batch_norm",))
       compile_seconds["nnx_batch_norm"] = unfused.compile_seconds
       candidates.append(runner.Candidate("nnx_batch_norm", unfused.run, work=work))
       labels["nnx_batch_norm"] = "NNX, BatchNorm + activation by nnx.BatchNorm and autodiff"

@@ -81,8 +81,8 @@ def asl_value_and_grad(z, y, *, gamma_neg, gamma_pos, clip, focusing_grad=False,
   return _mean_over_elements(loss, d_p, p)
 
 
-def distribution_balanced_value_and_grad(z, y, *, positives, num_examples, db_alpha, db_beta, db_mu,
-                                         db_neg_scale, db_init_bias, db_focal, db_balance_param, db_gamma):
+def distribution_balanced_value_and_grad(z, y, *, positives, num_examples, alpha, beta, mu, neg_scale,
+                                         init_bias, focal, balance_param, gamma):
   """Wu et al. 2020 as the authors' `ResampleLoss` computes it (wutong16/DistributionBalancedLoss) with
   reweight_func='rebalance' and loss_weight 1; class counts clipped to [1, N - 1] as ours:
 
@@ -96,19 +96,19 @@ def distribution_balanced_value_and_grad(z, y, *, positives, num_examples, db_al
   repeat_rate = np.sum(y * freq_inv, axis=1, keepdims=True)
   with np.errstate(divide="ignore", over="ignore"):
     pos_weight = freq_inv / repeat_rate  # inf for an instance without positives: w = alpha + 1.
-    weight = 1 / (1 + np.exp(-db_beta * (pos_weight - db_mu))) + db_alpha
-  x = z + (-np.log(num_examples / n - 1) * db_init_bias / db_neg_scale).astype(z.dtype)
-  scale = (1 - y) * db_neg_scale + y
+    weight = 1 / (1 + np.exp(-beta * (pos_weight - mu))) + alpha
+  x = z + (-np.log(num_examples / n - 1) * init_bias / neg_scale).astype(z.dtype)
+  scale = (1 - y) * neg_scale + y
   x = x * scale
-  weight = weight / db_neg_scale * (1 - y) + weight * y
+  weight = weight / neg_scale * (1 - y) + weight * y
   e = np.exp(-np.abs(x))
   ce = np.maximum(x, 0) - x * y + np.log1p(e)
   d_ce = (x > 0).astype(x.dtype) - y - np.sign(x) * e / (1 + e)
-  if db_focal:
+  if focal:
     pt = np.exp(-ce)
-    factor = (1 - pt)**db_gamma
-    loss = db_balance_param * factor * weight * ce
-    d_loss_d_ce = db_balance_param * weight * (factor + ce * _power_derivative(1 - pt, db_gamma) * pt)
+    factor = (1 - pt)**gamma
+    loss = balance_param * factor * weight * ce
+    d_loss_d_ce = balance_param * weight * (factor + ce * _power_derivative(1 - pt, gamma) * pt)
   else:
     loss = weight * ce
     d_loss_d_ce = weight

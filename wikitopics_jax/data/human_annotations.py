@@ -40,6 +40,7 @@ from wikitopics_jax.data import ingest
 from wikitopics_jax.data import labels_table
 from wikitopics_jax.data import manifest as manifest_lib
 from wikitopics_jax import taxonomy as taxonomy_lib
+from wikitopics_jax import files
 from wikitopics_jax.errors import InputError
 
 SOURCE_VERSION = "v1.4"
@@ -174,10 +175,8 @@ def _write_if_changed(path: str, content: str) -> None:
       if f.read() == content:
         return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
+  with files.atomic_open(path) as f:
     f.write(content)
-  os.replace(tmp, path)
 
 
 def ingest_settings(*, image_size: int = 64, resize: str = "squash",

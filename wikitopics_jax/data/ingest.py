@@ -5,8 +5,8 @@ Inputs:
                 Lines, CSV or Parquet) with label names of one taxonomy version. They define which
                 images exist; an unknown label name is an InputError naming file, row and label.
   wit_tsv       optional WIT TSV shards (`wit`, plain or .gz, 17 or 18 columns): they give each image
-                its ``page_title`` and ``caption`` (from the first row, in file order, that shows it)
-                and its mime type. Malformed rows are counted and reported, never fatal.
+                its texts (below) and its mime type (from the first row, in file order, that shows
+                it). Malformed rows are counted and reported, never fatal.
   image_dirs    directories in the Commons hash layout ``<h>/<hh>/<File>`` (decoded file name): a
                 copy of the originals, or thumbnails fetched by `thumbnails.fetch` (same layout).
                 Searched in order.
@@ -20,8 +20,15 @@ gives one) whose mime type is in `mime_types`, that have at least one label (unl
 counted under one reason in the manifest's ``info["counts"]["filtered"]`` and in the log.
 
 Duplicates: the same image (same Commons file, whatever the URL spelling) on many pages or in many
-table rows is one example: labels are unioned, id/url from the first table row, texts from the
-first WIT row.
+table rows is one example: labels are unioned, id/url from the first table row.
+
+Texts (`records`): every WIT row showing an image adds one context (page title, section title,
+reference description), in file then row order, exact repeats skipped, at most
+`IngestSettings.max_text_contexts` (later ones are counted as dropped). The attribution description
+(Commons) and alt text are per image: the first non-empty value of each, in the same order.
+``page_title``/``caption`` keep their old meaning (first row's title and preferred caption). Each
+field is cut to MAX_TEXT_CHARS. The manifest's ``info["text_fields"]`` counts the written examples
+having each field.
 
 Splits: by hashing the image's stable id, its Commons path ``<h>/<hh>/<File>`` (SHA-256 -> a number
 in [0, 1) -> the split whose cumulative fraction range holds it). An image keeps its split when the
@@ -81,10 +88,11 @@ from wikitopics_jax import progress as progress_lib
 from wikitopics_jax.data import records
 from wikitopics_jax import taxonomy as taxonomy_lib
 from wikitopics_jax.data import wit
+from wikitopics_jax import files
 from wikitopics_jax.errors import InputError
 
 # Bump when the same inputs and settings would give other bytes: it is part of the resume check.
-INGEST_VERSION = 1
+INGEST_VERSION = 2  # 2: text contexts, attribution description and alt text.
 WORK_DIR = ".ingest"
 # The thesis's later split: 700k train, 75k val, 75k threshold, 150k test.
 DEFAULT_SPLITS = (("train", 0.7), ("val", 0.075), ("threshold", 0.075), ("test", 0.15))
@@ -112,6 +120,9 @@ class IngestSettings:
   keep_unlabelled: keep images without any label (all-zero label vectors; e.g. human annotations
     saying "none of these topics"), instead of dropping them as the thesis did.
   examples_per_shard: target records per shard file (before images are rejected).
+  max_text_contexts: (page title, section title, caption) contexts kept per image, from the first
+    WIT rows showing it. 8 keeps all of almost every image (most appear on one or two pages) while
+    a few icons shown on thousands of pages cannot bloat their records.
   """
   taxonomy: str = "v1.3"
   image_size: int = 64
@@ -125,6 +136,7 @@ class IngestSettings:
   examples_per_shard: int = 10_000
   max_pixels: int = image_decoding.DecodeSettings.max_pixels
   min_side: int = 1
+  max_text_contexts: int = 8
 
   def decode_settings(self) -> image_decoding.DecodeSettings:
     return image_decoding.DecodeSettings(size=self.image_size, resize=self.resize,
@@ -155,19 +167,16 @@ def _check_settings(s: IngestSettings) -> None:
   s.decode_settings()  # Checks size, resize, max_pixels, min_side.
   if s.image_encoding not in IMAGE_ENCODINGS:
     raise InputError(f"{where}: image_encoding {s.image_encoding!r} is not one of {IMAGE_ENCODINGS}")
-  names = [name for name, _ in s.splits]
-  if not names or len(set(names)) != len(names):
-    raise InputError(f"{where}: splits need distinct names, got {names}")
-  bad = [n for n in names if not n or not all(c.isalnum() or c in "_-" for c in n)]
-  if bad:
-    raise InputError(f"{where}: split names must be letters, digits, '_' or '-' (they name files), "
-                     f"got {bad}")
+  manifest_lib.check_split_names([name for name, _ in s.splits], where)
   fractions = [f for _, f in s.splits]
   if any(not f > 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
     raise InputError(f"{where}: split fractions must be positive and sum to 1, got {list(s.splits)}")
   if not isinstance(s.examples_per_shard, int) or s.examples_per_shard < 1:
     raise InputError(f"{where}: examples_per_shard must be a positive integer, got "
                      f"{s.examples_per_shard!r}")
+  if not isinstance(s.max_text_contexts, int) or s.max_text_contexts < 0:
+    raise InputError(f"{where}: max_text_contexts must be a non-negative integer, got "
+                     f"{s.max_text_contexts!r}")
 
 
 def _hash_unit_interval(salt: str, key: str) -> float:
@@ -202,19 +211,9 @@ def _log(message: str) -> None:
   print(f"ingest: {message}", file=sys.stderr, flush=True)
 
 
-def _file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def _write_json_atomic(path: str, data: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
+  with files.atomic_open(path) as f:
     json.dump(data, f, indent=1, ensure_ascii=False, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def _read_json(path: str) -> Any:
@@ -232,7 +231,7 @@ def _input_identity(paths: Sequence[str], *, by_content: bool) -> list[dict[str,
     stat = os.stat(path)
     entry = {"path": os.path.abspath(path), "bytes": stat.st_size}
     if by_content:
-      entry["sha256"] = _file_sha256(path)
+      entry["sha256"] = files.sha256(path)
     else:
       entry["mtime_ns"] = stat.st_mtime_ns
     identity.append(entry)
@@ -274,13 +273,36 @@ def _remove_temporaries(directory: str) -> None:
 # ---------------------------------------------------------------------------------- WIT text pass
 
 
+def _new_texts(row: wit.WitRow) -> dict[str, Any]:
+  """The texts of an image first seen in `row` (contexts are added by `_add_texts`)."""
+  return {"page_title": row.page_title[:MAX_TEXT_CHARS], "caption": row.caption[:MAX_TEXT_CHARS],
+          "mime_type": row.mime_type, "where": row.where, "contexts": [],
+          "contexts_dropped": 0, "attribution_description": "", "alt_text": ""}
+
+
+def _add_texts(texts: dict[str, Any], contexts: Sequence[Sequence[str]], contexts_dropped: int,
+               attribution: str, alt_text: str, max_contexts: int) -> None:
+  """Appends new contexts up to the cap (repeats skipped, the others counted as dropped); keeps the
+  first non-empty attribution description and alt text."""
+  for context in contexts:
+    context = list(context)
+    if not any(context) or context in texts["contexts"]:
+      continue
+    if len(texts["contexts"]) < max_contexts:
+      texts["contexts"].append(context)
+    else:
+      texts["contexts_dropped"] += 1
+  texts["contexts_dropped"] += contexts_dropped
+  texts["attribution_description"] = texts["attribution_description"] or attribution
+  texts["alt_text"] = texts["alt_text"] or alt_text
+
+
 def _wit_text_unit(task: dict) -> dict:
-  """One WIT file -> a cache of {image path: [page_title, caption, mime_type, where]} (first row
-  per image) and its read statistics."""
+  """One WIT file -> a cache of {image path: texts (`_new_texts`)} and its read statistics."""
   if os.path.exists(task["summary"]):
     return _read_json(task["summary"])
   stats = wit.ReadStats()
-  first: dict[str, list[str]] = {}
+  first: dict[str, dict[str, Any]] = {}
   bad_urls = 0
   bad_url_messages: list[str] = []
   languages = set(task["languages"])
@@ -295,13 +317,16 @@ def _wit_text_unit(task: dict) -> dict:
         bad_url_messages.append(f"{row.where}: {e}")
       continue
     if key not in first:
-      first[key] = [row.page_title[:MAX_TEXT_CHARS], row.caption[:MAX_TEXT_CHARS], row.mime_type,
-                    row.where]
+      first[key] = _new_texts(row)
+    context = [row.page_title[:MAX_TEXT_CHARS], row.section_title[:MAX_TEXT_CHARS],
+               row.reference_description[:MAX_TEXT_CHARS]]
+    _add_texts(first[key], [context], 0, row.attribution_description[:MAX_TEXT_CHARS],
+               row.alt_text[:MAX_TEXT_CHARS], task["max_contexts"])
   tmp = f"{task['cache']}.tmp-{os.getpid()}"
   with open(tmp, "wb") as f:
     msgpack.pack(first, f, use_bin_type=True)
   os.replace(tmp, task["cache"])
-  summary = {"path": task["path"], "sha256": _file_sha256(task["path"]), "stats": stats.to_json(),
+  summary = {"path": task["path"], "sha256": files.sha256(task["path"]), "stats": stats.to_json(),
              "images": len(first), "bad_image_urls": bad_urls, "bad_url_messages": bad_url_messages}
   _write_json_atomic(task["summary"], summary)
   return summary
@@ -336,7 +361,7 @@ def _kaggle_stage_unit(task: dict) -> dict:
     os.replace(tmp, path)
     staged.append(key)
     staged_set.add(key)
-  summary = {"path": task["path"], "sha256": _file_sha256(task["path"]), "stats": stats.to_json(),
+  summary = {"path": task["path"], "sha256": files.sha256(task["path"]), "stats": stats.to_json(),
              "staged": staged, "bad_image_urls": bad_urls}
   _write_json_atomic(task["summary"], summary)
   return summary
@@ -385,6 +410,7 @@ def _shard_unit(task: dict) -> dict:
   examples: dict[str, list[str]] = collections.defaultdict(list)
   flat_counts = np.zeros(tax.num_labels, np.int64)
   hier_counts = np.zeros(tax.num_labels, np.int64)
+  text_counts: collections.Counter = collections.Counter()
   written = 0
   try:
     for candidate in task["candidates"]:
@@ -401,10 +427,14 @@ def _shard_unit(task: dict) -> dict:
       flat = np.zeros(tax.num_labels, np.uint8)
       flat[candidate["labels"]] = 1
       hier = tax.close(flat)
+      texts = candidate["texts"]
+      optional = {k: texts[k] for k in ("attribution_description", "alt_text") if texts[k]}
       writer.write(records.encode_example(
           example_id=candidate["id"], image=_encode_image(decoded, encoding),
           labels=flat, labels_hier=hier, image_encoding=encoding,
-          url=candidate["url"], page_title=candidate["page_title"], caption=candidate["caption"]))
+          url=candidate["url"], page_title=candidate["page_title"], caption=candidate["caption"],
+          contexts=texts["contexts"], **optional))
+      _count_texts(text_counts, texts)
       flat_counts += flat
       hier_counts += hier
       written += 1
@@ -417,9 +447,23 @@ def _shard_unit(task: dict) -> dict:
   summary = {"file": task["file"] if written else None, "num_examples": written,
              "candidates": len(task["candidates"]), "label_counts": flat_counts.tolist(),
              "label_counts_hier": hier_counts.tolist(), "filtered": dict(sorted(filtered.items())),
+             "text_counts": dict(sorted(text_counts.items())),
              "examples": dict(sorted(examples.items()))}
   _write_json_atomic(task["summary"], summary)
   return summary
+
+
+def _count_texts(counts: collections.Counter, texts: Mapping[str, Any]) -> None:
+  """Adds one example's texts to the per-field counts of the manifest's ``text_fields``."""
+  contexts = texts["contexts"]
+  for i, field in enumerate(records.CONTEXT_FIELDS):
+    counts[field] += any(c[i] for c in contexts)
+  for field in ("attribution_description", "alt_text"):
+    counts[field] += bool(texts[field])
+  counts["any"] += bool(contexts or texts["attribution_description"] or texts["alt_text"])
+  counts["contexts"] += len(contexts)
+  counts["contexts_dropped"] += texts["contexts_dropped"]
+  counts["images_with_dropped_contexts"] += texts["contexts_dropped"] > 0
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -437,6 +481,9 @@ class _Image:
   mime_type: str = ""
   in_wit: bool = False
   staged: str = ""
+  # contexts, contexts_dropped, attribution_description, alt_text: see `_add_texts`.
+  texts: dict[str, Any] = dataclasses.field(default_factory=lambda: {
+      "contexts": [], "contexts_dropped": 0, "attribution_description": "", "alt_text": ""})
 
 
 def run_ingest(out_dir: str, *, labels: Sequence[str], wit_tsv: Sequence[str] = (),
@@ -540,6 +587,9 @@ def run_ingest(out_dir: str, *, labels: Sequence[str], wit_tsv: Sequence[str] = 
     for reason, messages in s["examples"].items():
       examples[reason].extend(messages[:MAX_EXAMPLE_MESSAGES - len(examples[reason])])
   counts["examples"] = sum(s.num_examples for s in splits_info.values())
+  text_counts = collections.Counter()
+  for s in summaries:
+    text_counts.update(s["text_counts"])
   counts["filtered"] = dict(sorted(filtered.items()))
   info = {
       "generator": __name__,
@@ -553,6 +603,10 @@ def run_ingest(out_dir: str, *, labels: Sequence[str], wit_tsv: Sequence[str] = 
       },
       "counts": counts,
       "wit": wit_info,
+      manifest_lib.TEXT_FIELDS_KEY: manifest_lib.text_fields_info(
+          fields=[*records.CONTEXT_FIELDS, "attribution_description", "alt_text"],
+          counts=text_counts, examples=counts["examples"],
+          max_contexts=settings.max_text_contexts),
       "kaggle_pixels": kaggle_info,
       "filtered_examples": dict(sorted(examples.items())),
       "label_statistics": _label_statistics(tax, splits_info),
@@ -613,13 +667,14 @@ def _read_labels(paths: Sequence[str], tax: taxonomy_lib.Taxonomy, counts: dict,
 def _join_wit_texts(paths: Sequence[str], images: dict[str, _Image], work: str,
                     settings: IngestSettings, num_workers: int, progress: bool,
                     counts: dict) -> dict:
-  """Fills page_title/caption/mime_type from the first WIT row of each image; returns WIT info."""
+  """Fills each image's texts and mime type from its WIT rows (file order); returns WIT info."""
   if not paths:
     return {"files": []}
   tasks = []
   for i, path in enumerate(paths):
     tag = f"wit-{i:05d}"
     tasks.append({"path": os.path.abspath(path), "languages": list(settings.languages),
+                  "max_contexts": settings.max_text_contexts,
                   "cache": os.path.join(work, f"{tag}.msgpack"),
                   "summary": os.path.join(work, f"{tag}.json")})
   bar = progress_lib.Progress("ingest", "WIT files", len(tasks), enabled=progress)
@@ -641,13 +696,17 @@ def _join_wit_texts(paths: Sequence[str], images: dict[str, _Image], work: str,
     with open(task["cache"], "rb") as f:
       first = msgpack.unpack(f, raw=False)
     unlabelled = 0
-    for key, (page_title, caption, mime_type, _) in first.items():
+    for key, texts in first.items():
       image = images.get(key)
       if image is None:
         unlabelled += 1
-      elif not image.in_wit:
+        continue
+      if not image.in_wit:
         image.in_wit = True
-        image.page_title, image.caption, image.mime_type = page_title, caption, mime_type
+        image.page_title, image.caption = texts["page_title"], texts["caption"]
+        image.mime_type = texts["mime_type"]
+      _add_texts(image.texts, texts["contexts"], texts["contexts_dropped"],
+                 texts["attribution_description"], texts["alt_text"], settings.max_text_contexts)
     files[-1]["images_without_labels"] = unlabelled
   counts["labelled_images_in_wit"] = sum(image.in_wit for image in images.values())
   for message in stats.messages[:10]:
@@ -739,7 +798,8 @@ def _plan_shards(kept: Sequence[_Image], tax: taxonomy_lib.Taxonomy, settings: I
           "image_dirs": [os.path.abspath(d) for d in image_dirs],
           "candidates": [{"key": i.key, "id": i.image_id, "url": i.url, "where": i.where,
                           "labels": sorted(tax.index[l] for l in i.labels),
-                          "page_title": i.page_title, "caption": i.caption, "staged": i.staged}
+                          "page_title": i.page_title, "caption": i.caption, "staged": i.staged,
+                          "texts": i.texts}
                          for i in shard],
       })
   return tasks, split_shards

@@ -33,6 +33,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from wikitopics_jax import taxonomy as taxonomy_lib
+from wikitopics_jax import files
 from wikitopics_jax.errors import InputError
 
 FORMATS = ("json", "jsonl", "csv", "parquet")
@@ -249,9 +250,7 @@ def check_labels(rows: Iterable[LabelRow], tax: taxonomy_lib.Taxonomy,
 
 def write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
   """Writes a labels table as JSON Lines (``id, title, url, labels``), atomically."""
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
+  with files.atomic_open(path) as f:
     for row in rows:
       f.write(json.dumps({k: row[k] for k in ("id", "title", "url", "labels") if k in row},
                          ensure_ascii=False) + "\n")
-  os.replace(tmp, path)

@@ -9,6 +9,10 @@ Layout of a dataset directory::
 The manifest holds the full taxonomy the labels were built with (so a model can never be trained with a
 hierarchy matrix in another label order), the image shape and encoding, and per split: its files,
 number of examples and per-label positive counts for flat and hierarchical labels.
+
+Datasets whose records hold text (`records`) say so in ``info["text_fields"]`` (`text_fields_info`):
+the fields the writer can fill and, per field, how many examples have it. Without that entry a
+dataset has no text beyond the legacy ``page_title``/``caption`` (older datasets load unchanged).
 """
 
 from __future__ import annotations
@@ -16,15 +20,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from wikitopics_jax import taxonomy as taxonomy_lib
+from wikitopics_jax import files
 from wikitopics_jax.errors import InputError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "wikitopics-arrayrecord-v1"
+TEXT_FIELDS_KEY = "text_fields"
 
 
 @dataclasses.dataclass
@@ -54,6 +61,11 @@ class Manifest:
       raise InputError(f"{where or 'dataset'}: no split {name!r}; available: {sorted(self.splits)}")
     return self.splits[name]
 
+  @property
+  def text_fields(self) -> dict[str, Any]:
+    """``info["text_fields"]`` (see `text_fields_info`); {} for a dataset without text."""
+    return self.info.get(TEXT_FIELDS_KEY, {})
+
   def to_json(self) -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -65,13 +77,36 @@ class Manifest:
     }
 
 
+def text_fields_info(*, fields: Sequence[str], counts: Mapping[str, int], examples: int,
+                     **extra: Any) -> dict[str, Any]:
+  """The manifest's record of text: ``fields`` (what the records may hold, in `records.example_text`
+  order), ``examples_with`` (field -> examples having it non-empty, over all splits; "any": examples
+  with any text), ``examples`` (all examples), then other counts (e.g. contexts) and `extra`."""
+  return {
+      "fields": list(fields),
+      "examples": int(examples),
+      "examples_with": {f: int(counts.get(f, 0)) for f in [*fields, "any"]},
+      **{k: int(v) for k, v in sorted(counts.items()) if k not in fields and k != "any"},
+      **extra,
+  }
+
+
+def check_split_names(names: Sequence[str], where: str) -> None:
+  """Split names name files: distinct, non-empty, letters, digits, '_' or '-'."""
+  names = list(names)
+  if not names or len(set(names)) != len(names):
+    raise InputError(f"{where}: splits need distinct names, got {names}")
+  bad = [n for n in names if not n or not all(c.isalnum() or c in "_-" for c in n)]
+  if bad:
+    raise InputError(f"{where}: split names must be letters, digits, '_' or '-' (they name files), "
+                     f"got {bad}")
+
+
 def write(data_dir: str, manifest: Manifest) -> str:
   """Atomic write: a reader sees the old manifest or the new one, never half of one."""
   path = os.path.join(data_dir, MANIFEST_NAME)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with files.atomic_open(path) as f:
     json.dump(manifest.to_json(), f, indent=1)
-  os.replace(tmp, path)
   return path
 
 

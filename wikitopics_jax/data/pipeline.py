@@ -14,6 +14,11 @@ the iterator near a bare read+decode loop. The iterator's state is the next batc
 Eval: this process's share -> decode -> batches padded to a fixed size with a `mask`, and every process
 yields the same number of batches, so a global batch can always be assembled across hosts.
 
+Text (`emit_text=True`, off by default): each batch also gets "text", a (B,) object array of str, each
+example's `records.example_text` (contexts' page title, section title, caption, then attribution
+description and alt text, joined by `records.TEXT_SEPARATOR`; "" for none and for eval padding), for a
+text tower to tokenise on the host. It comes from the same record unpacking as the image.
+
 Images stay uint8 until the device (4x less host->device traffic); normalisation happens in the jitted
 step (`normalize_images`).
 """
@@ -33,10 +38,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from wikitopics_jax.data import manifest as manifest_lib
 from wikitopics_jax.data import records
-
-# ImageNet statistics: keeps inputs in the range pretrained EfficientNets expect.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from wikitopics_jax.models.efficientnet import IMAGENET_MEAN, IMAGENET_STD
 
 
 def normalize_images(images_uint8: jnp.ndarray, normalization: str | None = None) -> jnp.ndarray:
@@ -263,7 +265,7 @@ class _TrainBatch(grain.transforms.Map):
   def __init__(self, reader: RecordReader, *, num_examples: int, seed: int, per_process: int,
                share: ProcessShare, indices: np.ndarray | None, is_duplicate: np.ndarray | None,
                label_key: str, image_shape: tuple[int, int, int], num_labels: int,
-               augmentations: list, emit_example_info: bool, where: str):
+               augmentations: list, emit_example_info: bool, where: str, emit_text: bool = False):
     self.reader = reader
     self.order = ShuffledOrder(num_examples, seed)
     self.seed = seed
@@ -278,6 +280,7 @@ class _TrainBatch(grain.transforms.Map):
     self.augmentations = augmentations
     self.emit_example_info = emit_example_info
     self.where = where
+    self.emit_text = emit_text
 
   def map(self, batch: int) -> dict[str, np.ndarray]:
     positions = batch * self.global_batch + self.offset + np.arange(self.per_process, dtype=np.int64)
@@ -287,10 +290,15 @@ class _TrainBatch(grain.transforms.Map):
                     else self.is_duplicate[order])
     images = np.empty((self.per_process, *self.image_shape), np.uint8)
     labels = np.empty((self.per_process, self.num_labels), np.uint8)
+    text = np.full(self.per_process, "", object) if self.emit_text else None
     for row, record in enumerate(self.reader.read(keys)):
-      records.decode_into(record, images[row], labels[row], label_key=self.label_key,
-                          where=self.where)
+      example_text = records.decode_into(record, images[row], labels[row], label_key=self.label_key,
+                                         where=self.where, text=self.emit_text)
+      if text is not None:
+        text[row] = example_text
     out = {"image": images, "labels": labels}
+    if text is not None:
+      out["text"] = text
     if self.emit_example_info:
       # The device augments: it needs what seeds the host's generator, and the duplicate flags.
       out["index"] = (positions % 2**32).astype(np.uint32)
@@ -311,7 +319,7 @@ def train_dataset(data_dir: str, split: str, *, batch_size: int, seed: int, hier
                   share: ProcessShare = ProcessShare(), worker_count: int = 0,
                   indices: np.ndarray | None = None, is_duplicate: np.ndarray | None = None,
                   augmentations: list | None = None,
-                  emit_example_info: bool = False) -> grain.IterDataset:
+                  emit_example_info: bool = False, emit_text: bool = False) -> grain.IterDataset:
   """Infinite iterator of this process's `batch_size` rows of each global batch:
   {"image": (B, H, W, C) uint8, "labels": (B, L) uint8}.
 
@@ -320,6 +328,7 @@ def train_dataset(data_dir: str, split: str, *, batch_size: int, seed: int, hier
   in order on the host. emit_example_info: for augmentation on the device (`augment_device`): adds
   "index" (B,) uint32, each example's global position in the shuffled repeated stream mod 2**32
   (what seeds the host augmentation), and "is_duplicate" (B,) bool, and skips `augmentations`.
+  emit_text: adds "text" (B,) object array of str (see the module docstring).
   `get_state()`/`set_state()` resume at exactly the same batch.
   """
   manifest, reader = _split_reader(data_dir, split)
@@ -340,7 +349,7 @@ def train_dataset(data_dir: str, split: str, *, batch_size: int, seed: int, hier
       indices=indices, is_duplicate=is_duplicate,
       label_key="labels_hier" if hierarchical else "labels", image_shape=manifest.image_shape,
       num_labels=manifest.taxonomy.num_labels, augmentations=list(augmentations or []),
-      emit_example_info=emit_example_info, where=f"{data_dir}:{split}")
+      emit_example_info=emit_example_info, where=f"{data_dir}:{split}", emit_text=emit_text)
   # As many batches as an endless stream of examples holds.
   batches = grain.MapDataset.range(sys.maxsize // batch_size).map(make_batch)
   return _to_iter_dataset(batches, worker_count)
@@ -351,7 +360,7 @@ class _EvalBatch(grain.transforms.Map):
 
   def __init__(self, reader: RecordReader, *, batch_size: int, share: ProcessShare,
                real_length: int, label_key: str, image_shape: tuple[int, int, int],
-               num_labels: int, where: str):
+               num_labels: int, where: str, emit_text: bool = False):
     self.reader = reader
     self.batch_size = batch_size
     self.share = share
@@ -360,6 +369,7 @@ class _EvalBatch(grain.transforms.Map):
     self.image_shape = tuple(image_shape)
     self.num_labels = num_labels
     self.where = where
+    self.emit_text = emit_text
 
   def map(self, batch: int) -> dict[str, np.ndarray]:
     local = batch * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
@@ -367,18 +377,25 @@ class _EvalBatch(grain.transforms.Map):
     index = np.where(mask, local * self.share.count + self.share.index, -1)
     images = np.zeros((self.batch_size, *self.image_shape), np.uint8)
     labels = np.zeros((self.batch_size, self.num_labels), np.uint8)
-    # The real rows come first; padding stays zeros.
+    text = np.full(self.batch_size, "", object) if self.emit_text else None
+    # The real rows come first; padding stays zeros (and "" text).
     for row, record in enumerate(self.reader.read(index[mask])):
-      records.decode_into(record, images[row], labels[row], label_key=self.label_key,
-                          where=self.where)
-    return {"image": images, "index": index, "labels": labels, "mask": mask}
+      example_text = records.decode_into(record, images[row], labels[row], label_key=self.label_key,
+                                         where=self.where, text=self.emit_text)
+      if text is not None:
+        text[row] = example_text
+    out = {"image": images, "index": index, "labels": labels, "mask": mask}
+    if text is not None:
+      out["text"] = text
+    return out
 
 
 def eval_dataset(data_dir: str, split: str, *, batch_size: int, hierarchical: bool,
-                 share: ProcessShare = ProcessShare(), worker_count: int = 0
-                 ) -> tuple[grain.IterDataset, int]:
+                 share: ProcessShare = ProcessShare(), worker_count: int = 0,
+                 emit_text: bool = False) -> tuple[grain.IterDataset, int]:
   """One pass, in order, padded batches with `mask` and `index` (the record's position in the split,
-  -1 for padding); returns (dataset, number of batches)."""
+  -1 for padding); returns (dataset, number of batches). emit_text: adds "text" as in
+  `train_dataset`."""
   manifest, reader = _split_reader(data_dir, split)
   total = len(reader)
   # Every process yields the same number of batches, sized by the largest share.
@@ -388,6 +405,6 @@ def eval_dataset(data_dir: str, split: str, *, batch_size: int, hierarchical: bo
       reader, batch_size=batch_size, share=share,
       real_length=len(range(share.index, total, share.count)),
       label_key="labels_hier" if hierarchical else "labels", image_shape=manifest.image_shape,
-      num_labels=manifest.taxonomy.num_labels, where=f"{data_dir}:{split}")
+      num_labels=manifest.taxonomy.num_labels, where=f"{data_dir}:{split}", emit_text=emit_text)
   batches = grain.MapDataset.range(num_batches).map(make_batch)
   return _to_iter_dataset(batches, worker_count), num_batches

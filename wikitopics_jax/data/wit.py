@@ -119,6 +119,24 @@ class WitRow:
     return self.get("mime_type")
 
   @property
+  def section_title(self) -> str:
+    return self.get("section_title")
+
+  @property
+  def reference_description(self) -> str:
+    """The caption shown under the image on this page."""
+    return self.get("caption_reference_description")
+
+  @property
+  def attribution_description(self) -> str:
+    """The image's description on Commons (the same on every page showing it)."""
+    return self.get("caption_attribution_description")
+
+  @property
+  def alt_text(self) -> str:
+    return self.get("caption_alt_text_description")
+
+  @property
   def caption(self) -> str:
     for column in CAPTION_COLUMNS:
       if self.get(column):

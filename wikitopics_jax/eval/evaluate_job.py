@@ -39,14 +39,17 @@ import ml_collections
 import numpy as np
 
 from wikitopics_jax import checkpointing
+from wikitopics_jax import losses
 from wikitopics_jax.eval import evaluation
+from wikitopics_jax.eval import evaluators
 from wikitopics_jax.data import manifest as manifest_lib
 from wikitopics_jax.eval import metrics as metrics_lib
 from wikitopics_jax import sharding as sharding_lib
 from wikitopics_jax import steps as steps_lib
 from wikitopics_jax import task as task_lib
 from wikitopics_jax.eval import thresholds as thresholds_lib
-from wikitopics_jax import trainer
+from wikitopics_jax import taxonomy as taxonomy_lib
+from wikitopics_jax import files
 from wikitopics_jax.errors import InputError
 
 HUMAN = "human"
@@ -64,19 +67,31 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     raise InputError(f"{path}: missing; is {workdir!r} a training workdir?")
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  retired = sorted(k for k in _RETIRED_LOSS_KEYS if k in config.get("loss", {}))
-  if retired:
-    if config.loss.get("name") == "distribution_balanced":
-      raise InputError(f"{path}: trained with the earlier distribution_balanced parameters {retired}, "
-                       "which the loss no longer has; give --config with today's keys (docs/losses.md)")
+  with config.unlocked():
+    # Earlier versions saved every loss's keys in one namespace (docs/losses.md).
+    config.loss = losses.config(**losses.upgrade_saved_config(config.get("loss", {}), where=path))
+  model = config.get("model", {})
+  if "depthwise_impl" in model or "batch_norm_impl" in model:
+    # Before config.model.kernels: "shifted"/"fused" were the CPU kernels, "native"/"nnx" the plain
+    # layers; the results agree up to rounding either way.
+    old = (model.get("depthwise_impl", "auto"), model.get("batch_norm_impl", "auto"))
+    kernels = {("shifted", "fused"): "xla_cpu", ("native", "nnx"): "xla"}.get(old, "auto")
+    with config.model.unlocked():
+      for key in ("depthwise_impl", "batch_norm_impl"):
+        if key in config.model:
+          del config.model[key]
+      config.model.kernels = kernels
+  if "evals" not in config:
+    # Saved before config.evals existed: the evaluators those runs computed, on their splits.
+    from wikitopics_jax import configlib  # pylint: disable=g-import-not-at-top
+    defaults = configlib.base_config()
+    with defaults.data.unlocked():
+      defaults.data.val_split = config.data.val_split
+      defaults.data.test_split = config.data.test_split
     with config.unlocked():
-      for key in retired:  # defaults of a loss this run did not use
-        del config.loss[key]
+      config.evals = ml_collections.ConfigDict(defaults.evals.to_dict())
   return config
 
-
-# Loss keys that earlier versions wrote into every config.json (docs/losses.md).
-_RETIRED_LOSS_KEYS = ("db_kappa", "db_lambda")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +121,7 @@ def _file_rule(path: str, label_names, tag: str, source: str) -> ThresholdRule:
 def resolve_thresholds(workdir: str, which: str | None, label_names, step: int) -> ThresholdRule:
   """None/"saved": the tuned thresholds saved for this checkpoint, else 0.5; a number; or a file."""
   if which in (None, "", "saved"):
-    path = os.path.join(workdir, trainer.THRESHOLDS_FILE)
+    path = os.path.join(workdir, thresholds_lib.THRESHOLDS_FILE)
     if not os.path.exists(path):
       return ThresholdRule("t0.5", 0.5, "0.5 (no tuned thresholds saved)")
     with open(path) as f:
@@ -169,10 +184,8 @@ def save_predictions(path: str, predictions: dict[str, np.ndarray]) -> None:
   if jax.process_index() != 0:
     return
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:  # A file object: np.savez would append ".npz" to a name.
+  with files.atomic_open(path, "wb") as f:  # A file object: np.savez would append ".npz" to a name.
     np.savez(f, **{k: predictions[k] for k in ("probs", "labels", "loss")})
-  os.replace(tmp, path)
 
 
 def open_checkpoints(workdir: str, config: ml_collections.ConfigDict) -> checkpointing.Checkpointer:
@@ -199,7 +212,7 @@ class RestoredModel:
     self.mesh = sharding_lib.make_mesh(self.config.mesh.get("num_devices"))
     # total_steps only shapes the learning-rate schedule, not the state's structure.
     self.task = task_lib.build(self.config, self.manifest, total_steps=1)
-    self.placement = trainer.Placement(self.mesh, self.task.state)
+    self.placement = sharding_lib.Placement(self.mesh, self.task.state)
     if ema and not self.task.ema_decay:
       raise InputError(f"{self.workdir}: --ema needs a run trained with config.ema.decay > 0; this "
                        f"one has ema.decay = {self.config.get('ema', {}).get('decay', 0.0)}")
@@ -246,9 +259,9 @@ class RestoredModel:
       return state
     ckpt = self.checkpointer()
     try:
-      trainer.check_taxonomy(ckpt.restore_meta(step), self.manifest,
+      taxonomy_lib.check_saved(ckpt.restore_meta(step), self.manifest.taxonomy,
                              where=f"{self.workdir} step {step}")
-      return trainer.restore_state(ckpt, step, self.task, self.placement)
+      return checkpointing.restore_state(ckpt, step, self.task.state, self.placement)
     except Exception:
       # A running training job deletes old checkpoints (config.checkpoint.keep_latest).
       if step not in self.steps():
@@ -279,8 +292,13 @@ class Evaluator:
     manifest.split(split, where=config.data.dir)
     self.ground_truth = ground_truth_kind(split, manifest)
     train_info = manifest.splits.get(config.data.train_split)
-    self.train_frequencies = (None if train_info is None else
-                              train_info.positives(config.data.hierarchical) / train_info.num_examples)
+    # The configured evaluators, run here on this job's split.
+    self.report, self.others = evaluators.after_training(config.evals)
+    self.context = evaluators.Context(
+        label_names=tuple(self.model.label_names), ancestor_matrix=manifest.taxonomy.ancestor_matrix,
+        train_frequencies=(None if train_info is None else
+                           train_info.positives(config.data.hierarchical) / train_info.num_examples),
+        excluded_labels=tuple(evaluation.labels_without_ground_truth(manifest, split)))
 
   def predictions(self, step: int) -> dict[str, np.ndarray]:
     """probs, labels and loss of every example of the split, in stored order, for checkpoint `step`."""
@@ -303,13 +321,10 @@ class Evaluator:
     save_predictions(eval_path(self.workdir, self.tag, step, ".predictions.npz"), predictions)
     results = []
     for rule in rules:
-      result = evaluation.summarize(
-          predictions, label_names=label_names, thresholds=rule.values,
-          train_frequencies=self.train_frequencies,
-          ancestor_matrix=self.model.manifest.taxonomy.ancestor_matrix,
-          excluded_labels=evaluation.labels_without_ground_truth(self.model.manifest, self.split),
-          close=rule.close, rules=rule.rules)
-      result.update(split=self.split, checkpoint_step=step, thresholds_source=rule.source,
+      result = evaluators.run(self.report, self.others, predictions,
+                              self.context.with_thresholds(rule.values, rule.rules, rule.close))
+      result.update(split=self.split, evaluator=self.report.name, checkpoint_step=step,
+                    thresholds_source=rule.source,
                     rule_tag=rule.tag, ground_truth=self.ground_truth,
                     data_dir=os.path.abspath(self.model.config.data.dir))
       if self.model.ema:
@@ -568,10 +583,8 @@ def _write_text(path: str, text: str) -> None:
   if jax.process_index() != 0:
     return
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with files.atomic_open(path) as f:
     f.write(text)
-  os.replace(tmp, path)
 
 
 def _log(message: str) -> None:

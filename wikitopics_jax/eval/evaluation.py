@@ -15,6 +15,7 @@ from wikitopics_jax.eval import metrics as metrics_lib
 from wikitopics_jax.data import pipeline
 from wikitopics_jax import sharding as sharding_lib
 from wikitopics_jax.eval import thresholds as thresholds_lib
+from wikitopics_jax import files
 from wikitopics_jax.errors import InputError
 
 # What a closed rule's predictions change in a `metrics.evaluate_predictions` result; the rest
@@ -150,10 +151,8 @@ def write_json(path: str, data: dict[str, Any]) -> None:
   if jax.process_index() != 0:
     return
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with files.atomic_open(path) as f:
     json.dump(data, f, indent=1, default=_json_default)
-  os.replace(tmp, path)
 
 
 def _json_default(value):

@@ -55,19 +55,10 @@ from matplotlib.figure import Figure
 from wikitopics_jax.data import manifest as manifest_lib
 from wikitopics_jax.data import records
 from wikitopics_jax.errors import InputError
+from wikitopics_jax.eval.metrics import as_label_matrix
 
 # Records read per ArrayRecord batch request in `read_split_labels`.
 _READ_BATCH = 4096
-
-
-def as_label_matrix(y: Any, name: str = "y") -> np.ndarray:
-  """Validates an (N, L) matrix of 0/1 values and returns it as bool."""
-  y = np.asarray(y)
-  if y.ndim != 2:
-    raise ValueError(f"{name} must be a (num_images, num_labels) matrix, got shape {y.shape}")
-  if y.dtype != bool and not np.all((y == 0) | (y == 1)):
-    raise ValueError(f"{name} must hold only 0 and 1")
-  return y.astype(bool, copy=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,7 +47,8 @@ _PARALLEL_MIN_ELEMENTS = 1 << 18
 # Input checks
 
 
-def _as_binary_matrix(y: Any, name: str) -> np.ndarray:
+def as_label_matrix(y: Any, name: str = "y") -> np.ndarray:
+  """Validates an (N, L) matrix of 0/1 values and returns it as bool."""
   y = np.asarray(y)
   if y.ndim != 2:
     raise ValueError(f"{name} must be a (num_images, num_labels) matrix, got shape {y.shape}")
@@ -71,7 +72,7 @@ def _as_score_matrix(scores: Any, name: str, shape: tuple[int, ...]) -> np.ndarr
 def check_labels_and_scores(y_true: Any, scores: Any, scores_name: str = "scores"
                             ) -> tuple[np.ndarray, np.ndarray]:
   """Validates a binary (N, L) y_true and finite scores of the same shape; returns (bool, float) arrays."""
-  y_true = _as_binary_matrix(y_true, "y_true")
+  y_true = as_label_matrix(y_true, "y_true")
   return y_true, _as_score_matrix(scores, scores_name, y_true.shape)
 
 
@@ -310,7 +311,7 @@ def random_baseline_ap(y_true: Any) -> tuple[np.ndarray, float]:
   Returns:
     (per-label rates (L,), their mean over labels with at least one positive, as the macro AP).
   """
-  y_true = _as_binary_matrix(y_true, "y_true")
+  y_true = as_label_matrix(y_true, "y_true")
   if y_true.shape[0] == 0:
     return np.full(y_true.shape[1], np.nan), math.nan
   rates = y_true.mean(axis=0, dtype=np.float64)
@@ -385,8 +386,8 @@ def precision_recall_f1(y_true: Any, y_pred: Any) -> PrecisionRecallF1:
     y_true: (N, L) binary ground truth.
     y_pred: (N, L) binary predictions.
   """
-  y_true = _as_binary_matrix(y_true, "y_true")
-  y_pred = _as_binary_matrix(y_pred, "y_pred")
+  y_true = as_label_matrix(y_true, "y_true")
+  y_pred = as_label_matrix(y_pred, "y_pred")
   if y_pred.shape != y_true.shape:
     raise ValueError(f"y_pred has shape {y_pred.shape}, expected {y_true.shape} (as y_true)")
   both = y_true & y_pred
@@ -409,7 +410,7 @@ def precision_recall_f1(y_true: Any, y_pred: Any) -> PrecisionRecallF1:
 
 def labels_per_image(y: Any) -> float:
   """Mean number of positive labels per image (label cardinality)."""
-  y = _as_binary_matrix(y, "y")
+  y = as_label_matrix(y, "y")
   return float(y.sum(axis=1).mean()) if y.shape[0] else math.nan
 
 
@@ -436,7 +437,7 @@ def hierarchy_violation_rate(y_pred: Any, ancestor_matrix: Any) -> float:
     y_pred: (N, L) binary predictions.
     ancestor_matrix: (L, L) with R[i, j] = 1 iff j is i or a descendant of i (`Taxonomy.ancestor_matrix`).
   """
-  y_pred = _as_binary_matrix(y_pred, "y_pred")
+  y_pred = as_label_matrix(y_pred, "y_pred")
   matrix = np.asarray(ancestor_matrix)
   num_labels = y_pred.shape[1]
   if matrix.shape != (num_labels, num_labels):
@@ -637,7 +638,7 @@ class StreamingLabelScores:
 
   def add(self, y_true: Any, probs: Any) -> None:
     """Appends a batch: y_true (B, L) binary, probs (B, L); jax arrays are fine."""
-    y_true = _as_binary_matrix(y_true, "y_true")
+    y_true = as_label_matrix(y_true, "y_true")
     probs = _as_score_matrix(probs, "probs", y_true.shape)
     if y_true.shape[1] != self.num_labels:
       raise ValueError(f"batch has {y_true.shape[1]} labels, expected {self.num_labels}")

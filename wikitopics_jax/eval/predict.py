@@ -59,7 +59,7 @@ from wikitopics_jax.data import manifest as manifest_lib
 from wikitopics_jax.data import records
 from wikitopics_jax import sharding as sharding_lib
 from wikitopics_jax.eval import thresholds as thresholds_lib
-from wikitopics_jax import trainer
+from wikitopics_jax import taxonomy as taxonomy_lib
 from wikitopics_jax.errors import InputError
 
 PROB_PREFIX = "prob_"
@@ -262,7 +262,7 @@ def _predict_split(model: evaluate_job.RestoredModel, state, data_dir: str, spli
   data_manifest = manifest_lib.read(data_dir)
   data_manifest.split(split, where=data_dir)
   where = f"{data_dir} (predicting with {model.workdir})"
-  trainer.check_taxonomy({"taxonomy": model.manifest.taxonomy.to_json()}, data_manifest, where=where)
+  taxonomy_lib.check_saved({"taxonomy": model.manifest.taxonomy.to_json()}, data_manifest.taxonomy, where=where)
   if tuple(data_manifest.image_shape) != tuple(model.manifest.image_shape):
     raise InputError(f"{where}: images are {tuple(data_manifest.image_shape)}, the model takes "
                      f"{tuple(model.manifest.image_shape)}")

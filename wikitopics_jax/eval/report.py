@@ -48,11 +48,11 @@ from PIL import ImageFont
 
 from wikitopics_jax.eval import evaluate_job
 from wikitopics_jax.eval import evaluation
+from wikitopics_jax.eval import evaluators
 from wikitopics_jax.data import manifest as manifest_lib
 from wikitopics_jax.eval import metrics as metrics_lib
 from wikitopics_jax.data import records
 from wikitopics_jax.eval import thresholds as thresholds_lib
-from wikitopics_jax import trainer
 
 FIGURES_DIR = "figures"
 THUMBS_DIR = "thumbs"
@@ -95,7 +95,7 @@ class _Tuned:
 
 def _tuned_thresholds(workdir: str, label_names: Sequence[str], step: int) -> tuple[_Tuned | None, dict]:
   """(the tuned thresholds, meta) if thresholds.json is this step's; else (None, its meta or {})."""
-  path = os.path.join(workdir, trainer.THRESHOLDS_FILE)
+  path = os.path.join(workdir, thresholds_lib.THRESHOLDS_FILE)
   if not os.path.exists(path):
     return None, {}
   with open(path) as f:
@@ -505,6 +505,10 @@ def _summary_tables(results: dict[str, dict[str, Any]]) -> str:
   if "hierarchy_violation_rate" in first:
     rows.append(["images violating the hierarchy",
                  *(r["hierarchy_violation_rate"] for r in results.values())])
+  for name in first.get("other_evaluators", ()):  # config.evals' other evaluators, by name
+    for metric, value in first[name].items():
+      if isinstance(value, (int, float)) and not isinstance(value, bool):
+        rows.append([f"{name}: {metric}", *(r[name][metric] for r in results.values())])
   return _table(["metric", *rules], rows)
 
 
@@ -635,16 +639,19 @@ class _ReportBuilder:
     return os.path.join(self.out_dir, FIGURES_DIR, name)
 
   def _results(self) -> dict[str, dict[str, Any]]:
+    """The configured evaluators (config.evals) on this split, at 0.5 and at the tuned thresholds."""
+    report, others = evaluators.after_training(self.config.evals)
     train_frequencies = (None if self.train_counts is None else
                          self.train_counts / self.manifest.splits[self.config.data.train_split].num_examples)
-    common = dict(label_names=self.names, train_frequencies=train_frequencies,
-                  ancestor_matrix=self.taxonomy.ancestor_matrix,
-                  excluded_labels=evaluation.labels_without_ground_truth(self.manifest, self.split))
-    results = {"threshold 0.5": evaluation.summarize(self.predictions, thresholds=0.5, **common)}
+    context = evaluators.Context(
+        label_names=tuple(self.names), ancestor_matrix=self.taxonomy.ancestor_matrix,
+        train_frequencies=train_frequencies,
+        excluded_labels=tuple(evaluation.labels_without_ground_truth(self.manifest, self.split)))
+    results = {"threshold 0.5": evaluators.run(report, others, self.predictions, context)}
     if self.tuned_rule is not None:
-      results["tuned thresholds"] = evaluation.summarize(
-          self.predictions, thresholds=self.tuned, close=self.tuned_rule.close,
-          rules=self.tuned_rule.rules, **common)
+      results["tuned thresholds"] = evaluators.run(
+          report, others, self.predictions,
+          context.with_thresholds(self.tuned, self.tuned_rule.rules, self.tuned_rule.close))
     return results
 
   def _predicted(self, thresholds) -> np.ndarray:

@@ -36,16 +36,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from wikitopics_jax.eval import metrics
+from wikitopics_jax import files
 from wikitopics_jax.errors import InputError
 
 DEFAULT_FALLBACK = 0.5
+# Beside the checkpoints of a training workdir: the per-class thresholds tuned for its best checkpoint.
+THRESHOLDS_FILE = "thresholds.json"
+
 DEFAULT_MIN_POSITIVES = 20
 DEFAULT_MAX_PREDICTED_RATIO = 2.0
 _FORMAT = "wikitopics_jax.thresholds/2"
@@ -326,20 +329,8 @@ def save_thresholds(path: str | os.PathLike, thresholds: Any, label_names: Seque
   }
   text = json.dumps(document, indent=2, allow_nan=False, default=_json_default) + "\n"
   path = os.fspath(path)
-  # A plain open, not tempfile.mkstemp: mkstemp creates the file 0600, and the rename kept that mode
-  # (thresholds.json was private while every other output is 0644). A unique name: concurrent
-  # writers never share a temporary file.
-  tmp_path = f"{path}.{uuid.uuid4().hex}.tmp"
-  try:
-    with open(tmp_path, "x", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
+  with files.atomic_open(path) as f:
+    f.write(text)
 
 
 def _json_default(value: Any) -> Any:

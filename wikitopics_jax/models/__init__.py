@@ -14,11 +14,10 @@ model_cfg keys (all present in `default_model_config()`):
                      None = 0.2.
   dtype              compute dtype, "float32" or "bfloat16". Params and BatchNorm statistics are
                      float32 always; logits are float32.
-  depthwise_impl     "auto" (shifted on CPU, native elsewhere), "native" or "shifted"
-                     (see `depthwise.py`).
-  batch_norm_impl    "auto" (fused on CPU, nnx elsewhere), "fused" (BatchNorm + activation as one
-                     custom-VJP op in training; reverse-mode autodiff only) or "nnx"
-                     (nnx.BatchNorm and autodiff); equal up to rounding (see `batchnorm.py`).
+  kernels            "auto" (the default: "xla_cpu" on the CPU backend, "xla" elsewhere), "xla" (the
+                     plain layers, which XLA compiles well for GPU/TPU) or "xla_cpu" (drop-in layers
+                     with the same parameters that XLA's CPU backend runs faster; reverse-mode
+                     autodiff only; see `xla_cpu`). Resolved once, when the model is built.
   width_multiplier   when not None, overrides the variant's width (e.g. a reduced B0 for demos).
   depth_multiplier   when not None, overrides the variant's depth.
   input_normalization  how the input pipeline normalises pixels for this model (`model.input_normalization`,
@@ -39,7 +38,7 @@ import ml_collections
 from flax import nnx
 
 from wikitopics_jax.errors import InputError
-from wikitopics_jax.models import batchnorm, depthwise
+from wikitopics_jax.models import xla_cpu
 from wikitopics_jax.models.efficientnet import (
     DEFAULT_DROP_CONNECT_RATE,
     HEADS,
@@ -54,18 +53,18 @@ from wikitopics_jax.models.efficientnet import (
     initialise,
     last_layers_filter,
     layer_groups,
-    set_trainable_layers,
 )
 from wikitopics_jax.registry import Registry
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "INPUT_NORMALIZATIONS", "MODELS", "EfficientNet", "Layer",
-    "count_parameters", "create_model", "default_model_config", "last_layers_filter", "layer_groups",
-    "set_trainable_layers",
+    "KERNELS", "count_parameters", "create_model", "default_model_config", "last_layers_filter",
+    "layer_groups", "resolve_kernels",
 ]
 
 MODELS = Registry("model")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+KERNELS = ("auto", "xla", "xla_cpu")
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -77,8 +76,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       "dropout_rate": None,
       "drop_connect_rate": None,
       "dtype": "float32",
-      "depthwise_impl": "auto",
-      "batch_norm_impl": "auto",
+      "kernels": "auto",
       "width_multiplier": None,
       "depth_multiplier": None,
       "input_normalization": None,
@@ -95,9 +93,8 @@ def _build_efficientnet(variant_name: str, cfg: ml_collections.ConfigDict, *, nu
   return initialise(
       lambda init_rngs: EfficientNet(
           architecture, head=cfg.head, num_labels=num_labels, dropout_rate=dropout,
-          image_size=cfg.image_size, dtype=_DTYPES[cfg.dtype], depthwise_impl=cfg.depthwise_impl,
-          batch_norm_impl=cfg.batch_norm_impl, input_normalization=cfg.input_normalization,
-          rngs=init_rngs),
+          image_size=cfg.image_size, dtype=_DTYPES[cfg.dtype],
+          input_normalization=cfg.input_normalization, rngs=init_rngs),
       rngs)
 
 
@@ -125,10 +122,7 @@ def _checked(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     fail("head", f"must be one of {list(HEADS)}")
   if cfg.dtype not in _DTYPES:
     fail("dtype", f"must be one of {list(_DTYPES)}")
-  if cfg.depthwise_impl not in depthwise.IMPLS:
-    fail("depthwise_impl", f"must be one of {list(depthwise.IMPLS)}")
-  if cfg.batch_norm_impl not in batchnorm.IMPLS:
-    fail("batch_norm_impl", f"must be one of {list(batchnorm.IMPLS)}")
+  resolve_kernels(cfg.kernels)  # Fails on an unknown value.
   if cfg.input_normalization is not None and cfg.input_normalization not in INPUT_NORMALIZATIONS:
     fail("input_normalization", f"must be None or one of {list(INPUT_NORMALIZATIONS)}")
   for key in ("dropout_rate", "drop_connect_rate"):
@@ -155,7 +149,19 @@ def create_model(model_cfg: ml_collections.ConfigDict, *, num_labels: int,
                      f"but num_labels={num_labels}")
   if num_labels < 1:
     raise InputError(f"num_labels must be positive, got {num_labels}")
-  return MODELS.get(cfg.name)(cfg, num_labels=num_labels, rngs=rngs)
+  model = MODELS.get(cfg.name)(cfg, num_labels=num_labels, rngs=rngs)
+  if resolve_kernels(cfg.kernels) == "xla_cpu":
+    xla_cpu.apply(model)
+  return model
+
+
+def resolve_kernels(kernels: str) -> str:
+  """config.model.kernels as "xla" or "xla_cpu" ("auto": "xla_cpu" on the CPU backend)."""
+  if kernels not in KERNELS:
+    raise InputError(f"config.model.kernels={kernels!r}: must be one of {list(KERNELS)}")
+  if kernels == "auto":
+    return "xla_cpu" if jax.default_backend() == "cpu" else "xla"
+  return kernels
 
 
 def count_parameters(model: nnx.Module, wrt=nnx.Param) -> int:

@@ -1,5 +1,9 @@
 """EfficientNet B0-B7 and EfficientNet-Lite0-4 in Flax NNX, built as Keras / the TF reference build them.
 
+The layers are plain `nnx.Conv` (the depthwise one with `feature_group_count`), `nnx.BatchNorm`,
+`nnx.Linear` and jnp ops; faster drop-in layers with the same parameters may replace some of them
+after construction (`models.create_model`, config.model.kernels).
+
 Architecture (Tan & Le, ICML 2019; `keras.applications.efficientnet`):
   stem:   3x3/2 conv -> BatchNorm -> activation
   blocks: MBConv = [1x1 expand conv -> BN -> act] -> kxk depthwise conv -> BN -> act
@@ -34,11 +38,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from wikitopics_jax.errors import InputError
-from wikitopics_jax.models import stem_conv
-from wikitopics_jax.models.batchnorm import ACTIVATIONS, BatchNorm
-from wikitopics_jax.models.depthwise import DepthwiseConv
-from wikitopics_jax.models.squeeze_excite import scale_channels, spatial_mean
 
+# Per-channel mean and std of ImageNet's RGB pixels in [0, 1] (the "imagenet" input normalisation).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INPUT_NORMALIZATIONS = ("imagenet", "lite")
@@ -299,50 +300,71 @@ def build_architecture(variant: Variant, *, width: float | None = None, depth: f
   return Architecture(stem, top, tuple(blocks), "relu6" if variant.lite else "swish")
 
 
-def _batch_norm(features: int, dtype, impl: str, rngs: nnx.Rngs) -> BatchNorm:
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "swish": jax.nn.silu,
+    "relu6": jax.nn.relu6,
+    "identity": lambda x: x,
+}
+
+
+class Activation(nnx.Module):
+  """An elementwise activation, by name (ACTIVATIONS); a layer so that the model lists it."""
+
+  def __init__(self, name: str):
+    self.name = name
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return ACTIVATIONS[self.name](x)
+
+
+class BatchNorm(nnx.BatchNorm):
+  """`nnx.BatchNorm` that can be frozen: then it always normalises with its running statistics and
+  never updates them, also in train mode (what Keras does for a BatchNormalization layer with
+  trainable=False). `model.train()` / `model.eval()` leave `frozen` alone;
+  `EfficientNet.set_trainable_layers` sets it."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.frozen = False
+
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    if self.frozen:
+      use_running_average = True
+    return super().__call__(x, use_running_average, mask=mask)
+
+
+class SpatialMean(nnx.Module):
+  """Global average pooling of NHWC x: (B, C) in x's dtype (Keras's GlobalAveragePooling2D)."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.mean(x, axis=(1, 2))
+
+
+class ScaleChannels(nnx.Module):
+  """x * gate per image and channel, for NHWC x and a (B, C) gate (SE's excitation, Keras's
+  `multiply`)."""
+
+  def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
+    return x * gate[:, None, None, :]
+
+
+def _batch_norm(features: int, dtype, rngs: nnx.Rngs) -> BatchNorm:
   # param_dtype float32: scale/bias and the running statistics stay float32 under bf16 compute.
-  return BatchNorm(features, impl=impl, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
-                       param_dtype=jnp.float32, scale_init=ONES, bias_init=ZEROS,
-                       scale_metadata=init_metadata(ONES), bias_metadata=init_metadata(ZEROS),
-                       rngs=rngs)
-
-
-class PointwiseConv(nnx.Conv):
-  """A 1x1, stride-1 `nnx.Conv` (same parameters) computed as a matrix product on CPU.
-
-  XLA's CPU backend runs the contraction faster than the equivalent convolution (forward and both
-  gradients); other backends keep the convolution, which they lower to the same matrix product
-  themselves. The product is taken on the (pixels, channels) matrix rather than on the 4-D array:
-  the kernel gradient of a 4-D contraction made XLA materialise the output gradient transposed
-  (channels-major) in a strided copy, the most expensive fusion of a B0 train step on CPU.
-  """
-
-  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-    if jax.default_backend() != "cpu" or out_sharding is not None:
-      return super().__call__(inputs, out_sharding=out_sharding)
-    kernel = self.kernel[...]
-    bias = self.bias[...] if self.bias is not None else None
-    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-    kernel = kernel.reshape(kernel.shape[-2:])
-    pixels = inputs.reshape(-1, inputs.shape[-1])
-    y = jnp.matmul(pixels, kernel, precision=self.precision)
-    y = y.reshape(*inputs.shape[:-1], kernel.shape[-1])
-    return y if bias is None else y + bias
+  return BatchNorm(features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
+                   param_dtype=jnp.float32, scale_init=ONES, bias_init=ZEROS,
+                   scale_metadata=init_metadata(ONES), bias_metadata=init_metadata(ZEROS),
+                   rngs=rngs)
 
 
 def _conv(in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
-          use_bias: bool = False, dtype, rngs: nnx.Rngs) -> nnx.Conv:
+          groups: int = 1, use_bias: bool = False, kernel_init: VarianceScaling = CONV_INIT,
+          dtype, rngs: nnx.Rngs) -> nnx.Conv:
   # lax's "SAME" pads like TF's 'SAME', also asymmetrically for stride 2 (checked in tests).
-  if kernel_size == 1 and stride == 1:
-    conv_class = PointwiseConv
-  elif in_features <= stem_conv.MAX_CHANNELS:
-    conv_class = stem_conv.FewChannelConv
-  else:
-    conv_class = nnx.Conv
-  return conv_class(in_features, out_features, (kernel_size, kernel_size), strides=stride,
-                  padding="SAME", use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=CONV_INIT, bias_init=ZEROS, kernel_metadata=init_metadata(CONV_INIT),
-                  bias_metadata=init_metadata(ZEROS), rngs=rngs)
+  return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=stride,
+                  padding="SAME", feature_group_count=groups, use_bias=use_bias, dtype=dtype,
+                  param_dtype=jnp.float32, kernel_init=kernel_init, bias_init=ZEROS,
+                  kernel_metadata=init_metadata(kernel_init), bias_metadata=init_metadata(ZEROS),
+                  rngs=rngs)
 
 
 def _dense(in_features: int, out_features: int, kernel_init: VarianceScaling, dtype,
@@ -357,40 +379,44 @@ class ConvBNAct(nnx.Module):
   """The stem (3x3/2) and the top (1x1) of the base model."""
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, stride: int, *,
-               activation: str, dtype, batch_norm_impl: str, rngs: nnx.Rngs):
+               activation: str, dtype, rngs: nnx.Rngs):
     self.conv = _conv(in_features, out_features, kernel_size, stride=stride, dtype=dtype, rngs=rngs)
-    self.bn = _batch_norm(out_features, dtype, batch_norm_impl, rngs)
-    self.activation = activation
+    self.bn = _batch_norm(out_features, dtype, rngs)
+    self.act = Activation(activation)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.bn.normalize_and_activate(self.conv(x), self.activation)
+    return self.act(self.bn(self.conv(x)))
 
 
 class MBConv(nnx.Module):
   """Mobile inverted bottleneck block; attribute names follow Keras's layer names."""
 
-  def __init__(self, spec: BlockSpec, *, activation: str, dtype, depthwise_impl: str,
-               batch_norm_impl: str, rngs: nnx.Rngs):
+  def __init__(self, spec: BlockSpec, *, activation: str, dtype, rngs: nnx.Rngs):
     self.spec = spec
-    self.activation = activation
     expanded = spec.expanded
     if spec.expand_ratio != 1:
       self.expand_conv = _conv(spec.filters_in, expanded, 1, dtype=dtype, rngs=rngs)
-      self.expand_bn = _batch_norm(expanded, dtype, batch_norm_impl, rngs)
+      self.expand_bn = _batch_norm(expanded, dtype, rngs)
+      self.expand_act = Activation(activation)
     else:
-      self.expand_conv = self.expand_bn = None
-    self.dwconv = DepthwiseConv(expanded, spec.kernel_size, stride=spec.stride,
-                                impl=depthwise_impl, dtype=dtype, kernel_init=DEPTHWISE_INIT,
-                                kernel_metadata=init_metadata(DEPTHWISE_INIT), rngs=rngs)
-    self.bn = _batch_norm(expanded, dtype, batch_norm_impl, rngs)
+      self.expand_conv = self.expand_bn = self.expand_act = None
+    # Depthwise: one kxk filter per channel, kernel (k, k, 1, C).
+    self.dwconv = _conv(expanded, expanded, spec.kernel_size, stride=spec.stride, groups=expanded,
+                        kernel_init=DEPTHWISE_INIT, dtype=dtype, rngs=rngs)
+    self.bn = _batch_norm(expanded, dtype, rngs)
+    self.act = Activation(activation)
     if spec.use_se:
       squeezed = max(1, int(spec.filters_in * SE_RATIO))
+      self.se_squeeze = SpatialMean()
+      # 1x1 convolutions on the 1x1 squeezed map, as Keras (same parameters as Dense layers).
       self.se_reduce = _conv(expanded, squeezed, 1, use_bias=True, dtype=dtype, rngs=rngs)
+      self.se_act = Activation(activation)
       self.se_expand = _conv(squeezed, expanded, 1, use_bias=True, dtype=dtype, rngs=rngs)
+      self.se_excite = ScaleChannels()
     else:
-      self.se_reduce = self.se_expand = None
+      self.se_squeeze = self.se_reduce = self.se_act = self.se_expand = self.se_excite = None
     self.project_conv = _conv(expanded, spec.filters_out, 1, dtype=dtype, rngs=rngs)
-    self.project_bn = _batch_norm(spec.filters_out, dtype, batch_norm_impl, rngs)
+    self.project_bn = _batch_norm(spec.filters_out, dtype, rngs)
     if spec.has_skip and spec.drop_rate > 0:
       # Stochastic depth = Keras's Dropout(noise_shape=(None, 1, 1, 1)): one coin per example.
       self.drop = nnx.Dropout(spec.drop_rate, broadcast_dims=(1, 2, 3), rngs=rngs)
@@ -398,16 +424,15 @@ class MBConv(nnx.Module):
       self.drop = None
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    act = ACTIVATIONS[self.activation].apply
     x = inputs
     if self.expand_conv is not None:
-      x = self.expand_bn.normalize_and_activate(self.expand_conv(x), self.activation)
-    x = self.bn.normalize_and_activate(self.dwconv(x), self.activation)
+      x = self.expand_act(self.expand_bn(self.expand_conv(x)))
+    x = self.act(self.bn(self.dwconv(x)))
     if self.se_reduce is not None:
-      se = spatial_mean(x)[:, None, None, :]  # The SE convolutions are 1x1 on a 1x1 map.
-      se = act(self.se_reduce(se))
-      x = scale_channels(x, jax.nn.sigmoid(self.se_expand(se))[:, 0, 0, :])
-    x = self.project_bn.normalize_and_activate(self.project_conv(x), "identity")
+      se = self.se_squeeze(x)[:, None, None, :]
+      se = self.se_act(self.se_reduce(se))
+      x = self.se_excite(x, jax.nn.sigmoid(self.se_expand(se))[:, 0, 0, :])
+    x = self.project_bn(self.project_conv(x))
     if self.spec.has_skip:
       if self.drop is not None:
         x = self.drop(x)
@@ -440,11 +465,12 @@ class PooledHead(nnx.Module):
 
   def __init__(self, channels: int, num_labels: int, dropout_rate: float, *, dtype,
                rngs: nnx.Rngs):
+    self.pool = SpatialMean()
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
     self.logits = _dense(channels, num_labels, DENSE_INIT, dtype, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.logits(self.dropout(spatial_mean(x)))
+    return self.logits(self.dropout(self.pool(x)))
 
 
 def feature_map_size(image_size: int, architecture: Architecture) -> int:
@@ -466,23 +492,19 @@ class EfficientNet(nnx.Module):
   """
 
   def __init__(self, architecture: Architecture, *, head: str, num_labels: int,
-               dropout_rate: float, image_size: int | None, dtype, depthwise_impl: str,
-               batch_norm_impl: str = "auto", input_normalization: str | None = None,
-               rngs: nnx.Rngs):
+               dropout_rate: float, image_size: int | None, dtype,
+               input_normalization: str | None = None, rngs: nnx.Rngs):
     self.architecture = architecture
     self.dtype = dtype
     self.input_normalization = input_normalization  # Read by the train/eval steps.
     act = architecture.activation
-    self.stem = ConvBNAct(3, architecture.stem_filters, 3, 2, activation=act, dtype=dtype,
-                          batch_norm_impl=batch_norm_impl, rngs=rngs)
+    self.stem = ConvBNAct(3, architecture.stem_filters, 3, 2, activation=act, dtype=dtype, rngs=rngs)
     self.blocks = nnx.List([
-        MBConv(spec, activation=act, dtype=dtype, depthwise_impl=depthwise_impl,
-               batch_norm_impl=batch_norm_impl, rngs=rngs)
-        for spec in architecture.blocks
+        MBConv(spec, activation=act, dtype=dtype, rngs=rngs) for spec in architecture.blocks
     ])
     last = architecture.blocks[-1].filters_out
     self.top = ConvBNAct(last, architecture.top_filters, 1, 1, activation=act, dtype=dtype,
-                         batch_norm_impl=batch_norm_impl, rngs=rngs)
+                         rngs=rngs)
     if head == "thesis":
       spatial = feature_map_size(image_size, architecture)
       self.head = ThesisHead(spatial, architecture.top_filters, num_labels, dtype=dtype, rngs=rngs)
@@ -501,6 +523,31 @@ class EfficientNet(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.head(self.features(x)).astype(jnp.float32)
+
+  def layer_groups(self) -> list[Layer]:
+    """The base model's layers, counted as Keras counts them (see `layer_groups`)."""
+    return layer_groups(self)
+
+  def set_trainable_layers(self, num_layers: int | None) -> Any:
+    """Makes only the head and the base model's last `num_layers` layers trainable (None = all).
+
+    Freezes (see `BatchNorm`) every BatchNorm layer outside those layers, so their running
+    statistics stay as they are, unfreezes the others, and returns the NNX filter of the trainable
+    Params (`last_layers_filter`, or `nnx.Param` for None) for `nnx.Optimizer(model, tx, wrt=...)`:
+    frozen Params then get neither updates nor optimiser state.
+    """
+    layers = layer_groups(self)
+    selected = nnx.Param if num_layers is None else last_layers_filter(self, num_layers)
+    first_trainable = 0 if num_layers is None else len(layers) - num_layers
+    for index, layer in enumerate(layers):
+      if layer.path is None:
+        continue
+      module = self
+      for step in layer.path:
+        module = module[step] if isinstance(step, int) else getattr(module, step)
+      if isinstance(module, BatchNorm):
+        module.frozen = index < first_trainable
+    return selected
 
 
 class Layer(NamedTuple):
@@ -580,26 +627,4 @@ def last_layers_filter(model: EfficientNet, num_layers: int) -> Callable[[tuple,
       return False
     return any(tuple(path[:len(p)]) == p for p in prefixes)
 
-  return selected
-
-
-def set_trainable_layers(model: EfficientNet, num_layers: int | None) -> Any:
-  """Makes only the head and the base model's last `num_layers` layers trainable (None = all).
-
-  Freezes (see `BatchNorm`) every BatchNorm layer outside those layers, so their running statistics
-  stay as they are, unfreezes the others, and returns the NNX filter of the trainable Params
-  (`last_layers_filter`, or `nnx.Param` for None) for `nnx.Optimizer(model, tx, wrt=...)`: frozen
-  Params then get neither updates nor optimiser state.
-  """
-  layers = layer_groups(model)
-  selected = nnx.Param if num_layers is None else last_layers_filter(model, num_layers)
-  first_trainable = 0 if num_layers is None else len(layers) - num_layers
-  for index, layer in enumerate(layers):
-    if layer.path is None:
-      continue
-    module = model
-    for step in layer.path:
-      module = module[step] if isinstance(step, int) else getattr(module, step)
-    if isinstance(module, BatchNorm):
-      module.frozen = index < first_trainable
   return selected

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import importlib.metadata
 import importlib.util
 import math
@@ -51,6 +50,7 @@ import numpy as np
 from flax import nnx
 
 from wikitopics_jax import models
+from wikitopics_jax import files
 from wikitopics_jax.errors import InputError
 
 INITS = ("random", "imagenet")
@@ -396,14 +396,6 @@ def cache_dir() -> str:
   return os.path.join(root, "pretrained")
 
 
-def _file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _imagenet_config(variant: str) -> ml_collections.ConfigDict:
   cfg = models.default_model_config()
   cfg.name = variant
@@ -427,7 +419,7 @@ def converted_weights(variant: str) -> dict[str, np.ndarray]:
   weights = _weights(variant)
   path = checkpoint_path(variant)
   version = importlib.metadata.version(weights.package)
-  digest = _file_sha256(path)
+  digest = files.sha256(path)
   cached = os.path.join(cache_dir(), f"{variant}-{version}-{digest[:16]}-v{CONVERSION_VERSION}.npz")
   if os.path.exists(cached):
     try:

@@ -8,8 +8,8 @@ the output channels), and the kernel gradient is one matrix product of the patch
 (pixels x k*k*C) with the output gradient; both ran faster in throwaway timings. The input
 gradient (unused when the input is the image, then removed by XLA) is the library convolution's.
 
-`FewChannelConv` is an `nnx.Conv` (same parameters) that computes this way on CPU and like
-`nnx.Conv` elsewhere. Being a custom VJP, the CPU op supports reverse-mode autodiff only.
+`FewChannelConv` is an `nnx.Conv` (same parameters) that computes this way. Being a custom VJP, the
+op supports reverse-mode autodiff only.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from wikitopics_jax.models.depthwise import Padding, same_padding_2d, tap
-from wikitopics_jax.models.reductions import accumulation_dtype
+from wikitopics_jax.models.xla_cpu.depthwise import Padding, same_padding_2d, square, tap
+from wikitopics_jax.models.xla_cpu.reductions import accumulation_dtype
 
-# Inputs with at most this many channels take the multiply-adds on CPU.
+# Inputs with at most this many channels take the multiply-adds.
 MAX_CHANNELS = 4
 
 
@@ -76,24 +76,25 @@ def _bwd(stride, padding, residuals, grad_out):
 few_channel_conv.defvjp(_fwd, _bwd)
 
 
+def fits(conv: nnx.Conv) -> bool:
+  """Whether `FewChannelConv` computes what this `nnx.Conv` computes (at most `MAX_CHANNELS` input
+  channels, 'SAME' padding, a square kernel and stride, no dilation or groups)."""
+  kernel_size = tuple(conv.kernel_size)
+  return (conv.in_features <= MAX_CHANNELS and conv.feature_group_count == 1
+          and len(kernel_size) == 2 and kernel_size[0] == kernel_size[1] and conv.padding == "SAME"
+          and square(conv.strides, 1) is not None and square(conv.input_dilation, 1) == 1
+          and square(conv.kernel_dilation, 1) == 1 and conv.mask is None)
+
+
 class FewChannelConv(nnx.Conv):
-  """An `nnx.Conv` (same parameters) that runs `few_channel_conv` on CPU for NHWC inputs of at most
-  `MAX_CHANNELS` channels with 'SAME' padding, a square kernel and stride, and no dilation or
-  groups; anything else goes to `nnx.Conv`."""
+  """An `nnx.Conv` (same parameters; see `fits`) that runs `few_channel_conv` on NHWC inputs."""
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-    kernel = self.kernel[...]
-    strides = self.strides if self.strides is not None else 1
-    strides = tuple(strides) if isinstance(strides, (tuple, list)) else (strides,) * 2
-    plain = (jax.default_backend() != "cpu" or out_sharding is not None
-             or inputs.shape[-1] > MAX_CHANNELS or inputs.ndim != 4 or self.padding != "SAME"
-             or kernel.shape[0] != kernel.shape[1] or strides[0] != strides[1]
-             or self.feature_group_count != 1 or self.input_dilation not in (None, 1, (1, 1))
-             or self.kernel_dilation not in (None, 1, (1, 1)))
-    if plain:
+    if out_sharding is not None or inputs.ndim != 4 or inputs.shape[-1] > MAX_CHANNELS:
       return super().__call__(inputs, out_sharding=out_sharding)
     bias = self.bias[...] if self.bias is not None else None
-    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-    padding = same_padding_2d(inputs.shape[1:3], kernel.shape[0], strides[0])
-    y = few_channel_conv(inputs, kernel, strides[0], padding)
+    inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+    stride = square(self.strides, 1)
+    padding = same_padding_2d(inputs.shape[1:3], kernel.shape[0], stride)
+    y = few_channel_conv(inputs, kernel, stride, padding)
     return y if bias is None else y + bias

@@ -2,11 +2,11 @@
 
 `spatial_mean(x)` (the squeeze) and `scale_channels(x, gate)` (the excitation) equal
 `jnp.mean(x, axis=(1, 2))` and `x * gate[:, None, None, :]` for NHWC x and a (B, C) gate, with the
-same gradients. On CPU they are custom-VJP ops that sum over space with `reductions.spatial_sums`.
-XLA hands the plain code's sums (the mean, and the gate's gradient `sum(grad_out * x)` per image
-and channel) to a single-threaded library reduction, with the product written out first (see
-`reductions`). Other backends get the plain code. Being custom VJPs, the CPU ops support
-reverse-mode autodiff only.
+same gradients: custom-VJP ops that sum over space with `reductions.spatial_sums`. XLA hands the
+plain code's sums (the mean, and the gate's gradient `sum(grad_out * x)` per image and channel) to a
+single-threaded library reduction, with the product written out first (see `reductions`). Being
+custom VJPs, they support reverse-mode autodiff only. `SpatialMean` and `ScaleChannels` are the
+model's layers of the same names computed this way.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from wikitopics_jax.models.reductions import accumulation_dtype, spatial_sums
+from wikitopics_jax.models import efficientnet
+from wikitopics_jax.models.xla_cpu.reductions import accumulation_dtype, spatial_sums
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -60,13 +61,21 @@ _scale.defvjp(_scale_fwd, _scale_bwd)
 
 def spatial_mean(x: jax.Array) -> jax.Array:
   """jnp.mean(x, axis=(1, 2)) of NHWC x: (B, C) in x's dtype."""
-  if jax.default_backend() != "cpu":
-    return jnp.mean(x, axis=(1, 2))
   return _mean(x, (x.shape[1], x.shape[2]))
 
 
 def scale_channels(x: jax.Array, gate: jax.Array) -> jax.Array:
   """x * gate[:, None, None, :] for NHWC x and a (B, C) gate of the same dtype."""
-  if jax.default_backend() != "cpu":
-    return x * gate[:, None, None, :]
   return _scale(x, gate)
+
+
+class SpatialMean(efficientnet.SpatialMean):
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return spatial_mean(x)
+
+
+class ScaleChannels(efficientnet.ScaleChannels):
+
+  def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
+    return scale_channels(x, gate)

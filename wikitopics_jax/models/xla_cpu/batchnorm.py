@@ -1,10 +1,11 @@
-"""BatchNorm that can be frozen, fused with the activation that follows it when training on CPU.
+"""BatchNorm and the activation after it as one op in training, for XLA's CPU backend.
 
-`BatchNorm(...).normalize_and_activate(x, activation)` is `ACTIVATIONS[activation].apply(bn(x))`.
-In training mode on XLA's CPU backend it is one `jax.custom_vjp` op (`train_batch_norm_activation`)
-with the statistics, running-average updates and gradients of `nnx.BatchNorm` followed by the
-activation (equal up to floating-point rounding: sums run in another order), but fewer passes over
-memory:
+`BatchNormActivation` is the model's `BatchNorm` (same parameters and statistics, also freezable)
+that applies an activation (`activation`, one of DERIVATIVES) to its output:
+`ACTIVATIONS[activation](BatchNorm(x))`. In training mode it is one `jax.custom_vjp` op
+(`train_batch_norm_activation`) with the statistics, running-average updates and gradients of
+`nnx.BatchNorm` followed by the activation (equal up to floating-point rounding: sums run in another
+order), but fewer passes over memory:
 - forward: one fused pass for both statistics (sum and sum of squares), one to normalise and
   activate;
 - backward: one fused pass for the two per-channel sums of the gradient (the activation's derivative
@@ -14,40 +15,23 @@ XLA's own autodiff of the same code stores intermediate activations and sums eac
 gradient sum in a separate single-threaded library reduction (see `reductions`). Eval mode, frozen
 layers, `use_fast_variance=False`, `axis_name` (pmap), inputs that are not NHWC and layers without
 scale or bias keep `nnx.BatchNorm`'s code. Being a custom VJP, the fused op supports reverse-mode
-autodiff only (`jax.grad`, not `jax.jvp` / `jax.jacfwd`); use `impl="nnx"` for forward mode.
-
-`impl` ("auto", "fused" or "nnx"; `model.batch_norm_impl`) picks the training code: "auto" is
-"fused" on CPU and "nnx" elsewhere, whose compilers fuse BatchNorm well themselves.
+autodiff only (`jax.grad`, not `jax.jvp` / `jax.jacfwd`); build with config.model.kernels="xla"
+for forward mode.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax.nnx.module import first_from
 from jax import lax
 
-from wikitopics_jax.models.reductions import channel_sums
-
-
-IMPLS = ("auto", "fused", "nnx")
-
-
-def resolve_impl(impl: str) -> str:
-  if impl not in IMPLS:
-    raise ValueError(f"batch_norm impl must be one of {IMPLS}, got {impl!r}")
-  if impl == "auto":
-    return "fused" if jax.default_backend() == "cpu" else "nnx"
-  return impl
-
-
-class Activation(NamedTuple):
-  apply: Callable[[jax.Array], jax.Array]
-  derivative: Callable[[jax.Array], jax.Array]  # d apply(y) / dy, elementwise, as JAX's autodiff.
+from wikitopics_jax.models import efficientnet
+from wikitopics_jax.models.efficientnet import ACTIVATIONS
+from wikitopics_jax.models.xla_cpu.reductions import channel_sums
 
 
 def _swish_derivative(y: jax.Array) -> jax.Array:
@@ -60,10 +44,11 @@ def _relu6_derivative(y: jax.Array) -> jax.Array:
   return ((y > 0) & (y < 6)).astype(y.dtype)
 
 
-ACTIVATIONS: dict[str, Activation] = {
-    "swish": Activation(jax.nn.silu, _swish_derivative),
-    "relu6": Activation(jax.nn.relu6, _relu6_derivative),
-    "identity": Activation(lambda y: y, jnp.ones_like),
+# d ACTIVATIONS[name](y) / dy, elementwise, as JAX's autodiff: the activations the op can fuse.
+DERIVATIVES: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "swish": _swish_derivative,
+    "relu6": _relu6_derivative,
+    "identity": jnp.ones_like,
 }
 
 
@@ -90,7 +75,7 @@ def _fused_forward(x, scale, bias, activation, epsilon):
   x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # Statistics: float32 at least, as nnx.
   mean, var = _statistics(x32)
   inv_std = lax.rsqrt(var + epsilon)
-  out = ACTIVATIONS[activation].apply(_pre_activation(x32, mean, inv_std, scale, bias, x.dtype))
+  out = ACTIVATIONS[activation](_pre_activation(x32, mean, inv_std, scale, bias, x.dtype))
   return (out, mean, var), (x, mean, inv_std, scale, bias)
 
 
@@ -108,7 +93,7 @@ def _fused_backward(activation, epsilon, residuals, cotangents):
   grad_out = cotangents[0]  # The statistics leave through stop_gradient: no other cotangents.
   x32 = x.astype(mean.dtype)
   y = _pre_activation(x32, mean, inv_std, scale, bias, x.dtype).astype(mean.dtype)
-  grad_y = grad_out.astype(mean.dtype) * ACTIVATIONS[activation].derivative(y)
+  grad_y = grad_out.astype(mean.dtype) * DERIVATIVES[activation](y)
   normalized = (x32 - mean) * inv_std
   grad_bias, grad_scale = channel_sums([grad_y, grad_y * normalized])
   count = x32.size // x32.shape[-1]
@@ -123,7 +108,7 @@ _fused.defvjp(_fused_forward, _fused_backward)
 
 def train_batch_norm_activation(x: jax.Array, scale: jax.Array, bias: jax.Array, activation: str,
                                 epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """ACTIVATIONS[activation].apply(BatchNorm(x)) with batch statistics, as one custom-VJP op.
+  """ACTIVATIONS[activation](BatchNorm(x)) with batch statistics, as one custom-VJP op.
 
   x: NHWC (channels last), in the compute dtype; scale and bias as nnx.BatchNorm passes them.
   Returns (output, batch mean, batch variance); the statistics are float32 (or x's dtype if wider)
@@ -133,35 +118,30 @@ def train_batch_norm_activation(x: jax.Array, scale: jax.Array, bias: jax.Array,
   return out, lax.stop_gradient(mean), lax.stop_gradient(var)
 
 
-class BatchNorm(nnx.BatchNorm):
-  """`nnx.BatchNorm` that can be frozen: then it always normalises with its running statistics and
-  never updates them, also in train mode (what Keras does for a BatchNormalization layer with
-  trainable=False). `model.train()` / `model.eval()` leave `frozen` alone; `set_trainable_layers`
-  sets it. `impl`: see the module docstring."""
+class BatchNormActivation(efficientnet.BatchNorm):
+  """The model's BatchNorm followed by `ACTIVATIONS[self.activation]`; one fused op in training.
 
-  def __init__(self, *args, impl: str = "auto", **kwargs):
+  Built by `xla_cpu.apply` from a `BatchNorm` (same Variables), with `activation` set to the
+  activation that followed it in the model (then replaced by the identity there).
+  """
+
+  def __init__(self, *args, activation: str = "identity", **kwargs):
     super().__init__(*args, **kwargs)
-    resolve_impl(impl)  # Fail early on a bad name.
-    self.impl = impl
-    self.frozen = False
+    self.activation = activation
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-    if self.frozen:
-      use_running_average = True
-    return super().__call__(x, use_running_average, mask=mask)
-
-  def normalize_and_activate(self, x: jax.Array, activation: str) -> jax.Array:
-    """ACTIVATIONS[activation].apply(self(x)) for NHWC x; one fused op in training (see `impl`)."""
-    fused = (not self.frozen and self.use_running_average is not None
-             and not self.use_running_average and resolve_impl(self.impl) == "fused"
+    use_running_average = first_from(
+        use_running_average, self.use_running_average,
+        error_msg="No `use_running_average` argument was provided to BatchNormActivation")
+    fused = (not self.frozen and not use_running_average and mask is None
              and self.use_fast_variance and self.axis_name is None and x.ndim == 4
              and self.axis in (-1, 3) and self.scale is not None and self.bias is not None)
     if not fused:
-      return ACTIVATIONS[activation].apply(self(x))
+      return ACTIVATIONS[self.activation](super().__call__(x, use_running_average, mask=mask))
     # The same promotion as nnx.BatchNorm.__call__ (running statistics included).
     x, _, _, scale, bias = self.promote_dtype(
         (x, self.mean[...], self.var[...], self.scale[...], self.bias[...]), dtype=self.dtype)
-    out, mean, var = train_batch_norm_activation(x, scale, bias, activation, self.epsilon)
+    out, mean, var = train_batch_norm_activation(x, scale, bias, self.activation, self.epsilon)
     self.mean[...] = lax.stop_gradient(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
     self.var[...] = lax.stop_gradient(self.momentum * self.var[...] + (1 - self.momentum) * var)
     return out

@@ -1,18 +1,18 @@
-"""Depthwise 2-D convolution in two numerically equivalent formulations.
+"""Depthwise 2-D convolution as shifted multiply-adds, for XLA's CPU backend.
 
-* "native": `lax.conv_general_dilated(..., feature_group_count=C)`. Fast on GPU/TPU.
-* "shifted": k*k shifted (strided) slices of the padded input, each multiplied by its per-channel
-  kernel tap and summed, with a `jax.custom_vjp` whose backward pass is written the same way. XLA's
-  CPU backend runs grouped convolutions 8-40x slower than this (measured per layer on 2 CPU cores;
-  whole-model figures in docs/benchmarks.md).
-
-`impl="auto"` picks "shifted" when `jax.default_backend() == "cpu"` and "native" otherwise.
+`depthwise_conv_shifted`: k*k shifted (strided) slices of the padded input, each multiplied by its
+per-channel kernel tap and summed, with a `jax.custom_vjp` whose backward pass is written the same
+way. XLA's CPU backend runs grouped convolutions (`lax.conv_general_dilated(...,
+feature_group_count=C)`, what `nnx.Conv` does) 8-40x slower than this (measured per layer on 2 CPU
+cores; whole-model figures in docs/benchmarks.md). Being a custom VJP, it supports reverse-mode
+autodiff only.
 
 Padding is TF/Keras 'SAME' (`tf_same_padding`): for stride 2 TF pads asymmetrically, with the extra
 row/column at the bottom/right. This equals `lax.padtype_to_pads(..., "SAME")`; tests check both
 against a literal implementation of TF's formula.
 
-Kernels have the layout of `nnx.Conv(C, C, k, feature_group_count=C)`: (k, k, 1, C).
+`DepthwiseConv` is an `nnx.Conv(C, C, (k, k), feature_group_count=C, padding="SAME")` (same
+parameters: kernel (k, k, 1, C), optional bias) that computes this way.
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from wikitopics_jax.models.reductions import accumulation_dtype, spatial_sums
-
-IMPLS = ("auto", "native", "shifted")
+from wikitopics_jax.models.xla_cpu.reductions import accumulation_dtype, spatial_sums
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
@@ -43,14 +41,6 @@ def tf_same_padding(in_size: int, kernel_size: int, stride: int) -> tuple[int, i
 def same_padding_2d(spatial: Sequence[int], kernel_size: int, stride: int) -> Padding:
   height, width = spatial
   return (tf_same_padding(height, kernel_size, stride), tf_same_padding(width, kernel_size, stride))
-
-
-def resolve_impl(impl: str) -> str:
-  if impl not in IMPLS:
-    raise ValueError(f"depthwise impl must be one of {IMPLS}, got {impl!r}")
-  if impl == "auto":
-    return "shifted" if jax.default_backend() == "cpu" else "native"
-  return impl
 
 
 def _output_size(padded: int, kernel_size: int, stride: int) -> int:
@@ -185,30 +175,15 @@ def _shifted_bwd(stride, padding, residuals, grad_out):
 depthwise_conv_shifted.defvjp(_shifted_fwd, _shifted_bwd)
 
 
-def depthwise_conv_native(x: jax.Array, kernel: jax.Array, stride: int,
-                          padding: Padding) -> jax.Array:
-  """Same contract as `depthwise_conv_shifted`, via a grouped convolution."""
-  k, _, channels = kernel.shape
-  return lax.conv_general_dilated(
-      x,
-      kernel.reshape(k, k, 1, channels),
-      window_strides=(stride, stride),
-      padding=padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=channels,
-  )
-
-
 def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1,
-                   padding: str | Padding = "SAME", impl: str = "auto") -> jax.Array:
-  """Depthwise conv of x (B, H, W, C) with kernel (k, k, C) or (k, k, 1, C).
+                   padding: str | Padding = "SAME") -> jax.Array:
+  """Depthwise conv of x (B, H, W, C) with kernel (k, k, C) or (k, k, 1, C), shifted.
 
   Args:
     x: NHWC input.
     kernel: one k x k filter per channel.
     stride: the same stride along height and width.
     padding: "SAME" (TF semantics), "VALID" or explicit ((top, bottom), (left, right)).
-    impl: "auto", "native" or "shifted" (see the module docstring).
 
   Returns:
     (B, ceil(H / stride), ceil(W / stride), C) for "SAME", in x's dtype.
@@ -223,29 +198,32 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1,
   elif padding == "VALID":
     padding = ((0, 0), (0, 0))
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  if resolve_impl(impl) == "shifted":
-    return depthwise_conv_shifted(x, kernel, stride, padding)
-  return depthwise_conv_native(x, kernel, stride, padding)
+  return depthwise_conv_shifted(x, kernel, stride, padding)
 
 
-class DepthwiseConv(nnx.Module):
-  """Depthwise conv layer without bias, TF 'SAME' padding, kernel param (k, k, 1, C)."""
+def square(value, default) -> int | None:
+  """An nnx.Conv stride/dilation setting as one int when it is the same on both axes, else None."""
+  value = default if value is None else value
+  values = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+  return values[0] if len(values) == 2 and values[0] == values[1] else None
 
-  def __init__(self, channels: int, kernel_size: int, *, stride: int = 1, impl: str = "auto",
-               dtype=None, param_dtype=jnp.float32,
-               kernel_init=jax.nn.initializers.lecun_normal(in_axis=-1, out_axis=-2),
-               kernel_metadata=None, rngs: nnx.Rngs):
-    resolve_impl(impl)  # Fail early on a bad name.
-    shape = (kernel_size, kernel_size, 1, channels)
-    self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype),
-                            **(kernel_metadata or {}))
-    self.kernel_size = kernel_size
-    self.stride = stride
-    self.impl = impl
-    self.dtype = dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.kernel[...]
-    if self.dtype is not None:
-      x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    return depthwise_conv(x, kernel, stride=self.stride, padding="SAME", impl=self.impl)
+def fits(conv: nnx.Conv) -> bool:
+  """Whether `DepthwiseConv` computes what this `nnx.Conv` computes."""
+  kernel_size = tuple(conv.kernel_size)
+  return (conv.feature_group_count == conv.in_features == conv.out_features > 1
+          and len(kernel_size) == 2 and kernel_size[0] == kernel_size[1] and conv.padding == "SAME"
+          and square(conv.strides, 1) is not None and square(conv.input_dilation, 1) == 1
+          and square(conv.kernel_dilation, 1) == 1 and conv.mask is None)
+
+
+class DepthwiseConv(nnx.Conv):
+  """A depthwise `nnx.Conv` (same parameters; see `fits`) computed by `depthwise_conv_shifted`."""
+
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    if out_sharding is not None or inputs.ndim != 4:
+      return super().__call__(inputs, out_sharding=out_sharding)
+    bias = self.bias[...] if self.bias is not None else None
+    inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+    y = depthwise_conv(inputs, kernel, stride=square(self.strides, 1), padding="SAME")
+    return y if bias is None else y + bias
