@@ -37,11 +37,13 @@ class Inputs:
 
 
 def wit_row(url: str, *, page_title: str, caption: str, mime_type: str = "image/jpeg",
-            language: str = "en") -> str:
+            language: str = "en", section_title: str = "", attribution: str = "",
+            alt_text: str = "") -> str:
   values = {c: "" for c in wit.WIT_COLUMNS}
   values.update(language=language, page_url=f"https://{language}.wikipedia.org/wiki/{page_title}",
                 image_url=url, page_title=page_title, caption_reference_description=caption,
-                mime_type=mime_type, is_main_image="true")
+                section_title=section_title, caption_attribution_description=attribution,
+                caption_alt_text_description=alt_text, mime_type=mime_type, is_main_image="true")
   return "\t".join(_quote(values[c]) for c in wit.WIT_COLUMNS)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import filecmp
+import hashlib
 import json
 import os
 import signal
@@ -66,7 +67,9 @@ def test_counts_filters_and_manifest(dataset, inputs):
   # The malformed WIT row is counted and reported with file and line.
   assert m.info["wit"]["read"]["reasons"] == {"wrong_field_count": 1}
   assert m.info["wit"]["read"]["messages"][0].startswith(f"{inputs.wit_tsv}:")
-  assert [f["sha256"] for f in m.info["inputs"]["labels"]] == [ingest._file_sha256(inputs.labels)]
+  with open(inputs.labels, "rb") as f:
+    labels_sha256 = hashlib.sha256(f.read()).hexdigest()
+  assert [f["sha256"] for f in m.info["inputs"]["labels"]] == [labels_sha256]
   assert len(m.info["inputs"]["wit_tsv"][0]["sha256"]) == 64
   stats = m.info["label_statistics"]
   assert stats["Animals"]["flat"] == sum(s.label_counts[m.taxonomy.index["Animals"]]

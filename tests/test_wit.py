@@ -31,6 +31,15 @@ def test_reads_real_wit_rows_with_multiline_quoted_fields():
   assert rows[2].page_title == "Украинская гривна"
 
 
+def test_real_rows_text_fields():
+  rows = list(wit.iter_rows(os.path.join(FIXTURES, "train-00000-of-00009.tsv")))
+  assert [r.section_title for r in rows] == ["Emblemas", "", "Изъятые из обращения монеты"]
+  # These pages show no caption under the image; Commons still describes every one.
+  assert [r.reference_description for r in rows] == ["", "", ""]
+  assert rows[1].attribution_description == "English: Lesser bulldog bat (Noctilio albiventris)"
+  assert [r.alt_text for r in rows] == ["", "", ""]
+
+
 def test_real_malformed_file_is_reported_with_file_and_line():
   path = os.path.join(FIXTURES, "test-00000-of-00005.tsv")
   stats = wit.ReadStats()

@@ -1,6 +1,6 @@
 """The base config every experiment config starts from (configs/*.py call `base_config()`),
 `loss_argument`, which lets every config file's argument pick the loss, and `check`, the early check of
-its registry names and loss keys."""
+its registry names, loss keys and text keys."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import ml_collections
 
 from wikitopics_jax import losses
 from wikitopics_jax import models
+from wikitopics_jax.models import multimodal
 from wikitopics_jax.errors import InputError
 
 
@@ -52,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head = "thesis"
   # None = the dataset's image size (from its manifest); set it to check that they agree.
   c.model.image_size = ml_collections.FieldReference(None, int)
+  # Text next to the image (models/multimodal.py, docs/multimodal.md): tower "none" is the image-only
+  # model above, unchanged; "bag" or "minilm" adds that text tower and config.text.fusion's head.
+  c.text = multimodal.default_text_config()
   # Initial weights of the base model: "random", or "imagenet" (EfficientNet-Lite0/1/2 only, from
   # the `pretrained` extra's packages; see docs/pretrained.md). The head always starts random.
   c.init = "random"
@@ -173,3 +177,5 @@ def check(config: ml_collections.ConfigDict) -> None:
       raise InputError(f"config.{path}={node!r}: unknown {names.kind}; valid names: {names.names()}")
   if config.get("loss") is not None:
     losses.check_config(config.loss)
+  if config.get("text") is not None:
+    multimodal.checked_text_config(config.text)

@@ -12,6 +12,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from wikitopics_jax import optimizers
 from wikitopics_jax.data import pipeline
+from wikitopics_jax.models import multimodal
+
+
+def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The multimodal model's keyword inputs present in the batch (none for an image-only batch, so
+  the image model is called exactly as before)."""
+  return {k: batch[k] for k in multimodal.TEXT_INPUTS if k in batch}
 
 
 def make_train_step(task, *, state_sharding, batch_sharding, replicated_sharding,
@@ -32,6 +39,9 @@ def make_train_step(task, *, state_sharding, batch_sharding, replicated_sharding
 
   `augment_fn(images_uint8, index, is_duplicate) -> images_uint8` (`augment_device.from_augmentations`)
   augments the whole uint8 batch on the device first, keyed by each example's global position.
+
+  Text inputs in the batch (`multimodal.TEXT_INPUTS`: text_ids, text_mask, has_text, has_image) go to
+  the model as keywords, split into the micro-batches like the images; augmentation leaves them be.
   """
   graphdef = task.train_graphdef
   objective = task.objective
@@ -60,14 +70,15 @@ def make_train_step(task, *, state_sharding, batch_sharding, replicated_sharding
       m = nnx.merge(model_graphdef, variables)
       images = pipeline.normalize_images(micro["image"], m.input_normalization)
       labels = micro["labels"].astype(jnp.float32)
+      inputs = model_inputs(micro)
       loss, grads = nnx.value_and_grad(
-          lambda m: objective(m(images), labels), argnums=nnx.DiffState(0, wrt))(m)
+          lambda m: objective(m(images, **inputs), labels), argnums=nnx.DiffState(0, wrt))(m)
       grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
       return (nnx.state(m), grad_sum, loss_sum + loss.astype(jnp.float32)), None
 
     (variables, grad_sum, loss_sum), _ = jax.lax.scan(
         body, (model_state, zeros, jnp.zeros((), jnp.float32)),
-        {k: micro_batches(batch[k]) for k in ("image", "labels")})
+        {k: micro_batches(batch[k]) for k in ("image", "labels", *model_inputs(batch))})
     nnx.update(model, variables)
     grads = jax.tree.map(lambda g, p: (g / grad_accum_steps).astype(p.dtype), grad_sum, trainable)
     return loss_sum / grad_accum_steps, grads
@@ -82,9 +93,10 @@ def make_train_step(task, *, state_sharding, batch_sharding, replicated_sharding
     if grad_accum_steps == 1:
       images = pipeline.normalize_images(batch["image"], model.input_normalization)
       labels = batch["labels"].astype(jnp.float32)
+      inputs = model_inputs(batch)
 
       def loss_fn(model):
-        logits = model(images)
+        logits = model(images, **inputs)
         return objective(logits, labels)
 
       loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt))(model)
@@ -128,7 +140,8 @@ def make_eval_step(task, *, state_sharding, batch_sharding, use_ema: bool = Fals
       params = nnx.as_pure(nnx.state(model, optimizer.wrt))
       nnx.update(model, optimizers.ema_params(nnx.as_pure(optimizer.opt_state), params,
                                               task.ema_decay))
-    logits = model(pipeline.normalize_images(batch["image"], model.input_normalization))
+    logits = model(pipeline.normalize_images(batch["image"], model.input_normalization),
+                   **model_inputs(batch))
     labels = batch["labels"].astype(jnp.float32)
     return {"probs": objective.probabilities(logits),
             "loss": objective.per_example(logits, labels)}

@@ -20,6 +20,7 @@ from wikitopics_jax import losses
 from wikitopics_jax.data import manifest as manifest_lib
 from wikitopics_jax import models
 from wikitopics_jax import optimizers
+from wikitopics_jax.models import multimodal
 from wikitopics_jax.models import pretrained
 from wikitopics_jax.errors import InputError
 
@@ -65,8 +66,15 @@ def build(config: ml_collections.ConfigDict, manifest: manifest_lib.Manifest, *,
           total_steps: int) -> Task:
   num_labels = manifest.taxonomy.num_labels
   rngs = nnx.Rngs(params=config.seed, dropout=config.seed + 1)
-  model = models.create_model(model_config_for(config, manifest), num_labels=num_labels, rngs=rngs)
-  pretrained.init_from_config(config, model)  # config.init
+  model = models.create_model(model_config_for(config, manifest), num_labels=num_labels, rngs=rngs,
+                              text_cfg=config.get("text"))
+  # config.init: ImageNet weights go into the image backbone (a multimodal model's `image`).
+  image_model = model.image if isinstance(model, multimodal.MultimodalClassifier) else model
+  if image_model is not None:
+    pretrained.init_from_config(config, image_model)
+  elif config.get("init", "random") != "random":
+    raise InputError(f"config.init={config.init!r}: a text-only model (config.text.image=False) has "
+                     "no image backbone to initialise")
   # config.trainable_layers: frozen Params get no optimiser state, frozen BatchNorms keep their stats.
   # Every model family implements `set_trainable_layers` (returns the filter of trainable Params).
   trainable = model.set_trainable_layers(config.get("trainable_layers"))

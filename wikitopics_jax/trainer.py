@@ -36,6 +36,7 @@ from wikitopics_jax.data import resampling
 from wikitopics_jax import sharding as sharding_lib
 from wikitopics_jax import steps as steps_lib
 from wikitopics_jax.data import synthetic
+from wikitopics_jax.models import multimodal
 from wikitopics_jax import task as task_lib
 from wikitopics_jax import taxonomy as taxonomy_lib
 from wikitopics_jax.eval import thresholds as thresholds_lib
@@ -56,7 +57,8 @@ def predict(config: ml_collections.ConfigDict, eval_step, state, split: str, mes
   """evaluation.predict_split with the config's data directory, eval batch size and label kind."""
   return evaluation.predict_split(eval_step, state, data_dir=config.data.dir, split=split,
                                   batch_size=config.eval_batch_size,
-                                  hierarchical=config.data.hierarchical, mesh=mesh)
+                                  hierarchical=config.data.hierarchical, mesh=mesh,
+                                  text_tokenizer=multimodal.text_tokenizer(config))
 
 
 def tune_thresholds(config, workdir, eval_step, state, mesh, label_names, step
@@ -288,7 +290,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       worker_count=config.data.worker_count,
       indices=None if resampled is None else resampled.indices,
       is_duplicate=None if resampled is None else resampled.is_duplicate,
-      augmentations=[] if on_device else augmentations, emit_example_info=on_device))
+      augmentations=[] if on_device else augmentations, emit_example_info=on_device,
+      # A multimodal model's text, tokenised in the pipeline (ahead of the device, with the images).
+      text_tokenizer=multimodal.text_tokenizer(config)))
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     keep_latest=config.checkpoint.keep_latest,
                                     best_metric=config.checkpoint.best_metric,

@@ -18,6 +18,9 @@ Text (`emit_text=True`, off by default): each batch also gets "text", a (B,) obj
 example's `records.example_text` (contexts' page title, section title, caption, then attribution
 description and alt text, joined by `records.TEXT_SEPARATOR`; "" for none and for eval padding), for a
 text tower to tokenise on the host. It comes from the same record unpacking as the image.
+`text_tokenizer=` (a text tower's host tokenizer, texts -> (ids, mask)) tokenises it in the pipeline
+(`TokenizeText`, in the worker processes when there are any): the batch then holds "text_ids" (B, T)
+int32, "text_mask" (B, T) bool and "has_text" (B,) bool instead of "text".
 
 Images stay uint8 until the device (4x less host->device traffic); normalisation happens in the jitted
 step (`normalize_images`).
@@ -315,11 +318,32 @@ class _TrainBatch(grain.transforms.Map):
     return out
 
 
+class TokenizeText(grain.transforms.Map):
+  """A batch's "text" (B,) -> "text_ids" (B, T) int32, "text_mask" (B, T) bool, "has_text" (B,) bool.
+
+  `tokenizer(texts) -> (ids, mask)` is a text tower's host tokenizer (`models/text`); blank texts
+  (no text in the record, eval padding) are given to it as None and have has_text False.
+  """
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+
+  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = dict(batch)
+    texts = [t if t and t.strip() else None for t in out.pop("text")]
+    ids, mask = self.tokenizer(texts)
+    out["text_ids"] = np.asarray(ids, np.int32)
+    out["text_mask"] = np.asarray(mask, bool)
+    out["has_text"] = out["text_mask"].any(axis=-1)
+    return out
+
+
 def train_dataset(data_dir: str, split: str, *, batch_size: int, seed: int, hierarchical: bool,
                   share: ProcessShare = ProcessShare(), worker_count: int = 0,
                   indices: np.ndarray | None = None, is_duplicate: np.ndarray | None = None,
                   augmentations: list | None = None,
-                  emit_example_info: bool = False, emit_text: bool = False) -> grain.IterDataset:
+                  emit_example_info: bool = False, emit_text: bool = False,
+                  text_tokenizer=None) -> grain.IterDataset:
   """Infinite iterator of this process's `batch_size` rows of each global batch:
   {"image": (B, H, W, C) uint8, "labels": (B, L) uint8}.
 
@@ -329,6 +353,7 @@ def train_dataset(data_dir: str, split: str, *, batch_size: int, seed: int, hier
   "index" (B,) uint32, each example's global position in the shuffled repeated stream mod 2**32
   (what seeds the host augmentation), and "is_duplicate" (B,) bool, and skips `augmentations`.
   emit_text: adds "text" (B,) object array of str (see the module docstring).
+  text_tokenizer: adds the tokenised text instead (`TokenizeText`; implies emit_text).
   `get_state()`/`set_state()` resume at exactly the same batch.
   """
   manifest, reader = _split_reader(data_dir, split)
@@ -349,9 +374,12 @@ def train_dataset(data_dir: str, split: str, *, batch_size: int, seed: int, hier
       indices=indices, is_duplicate=is_duplicate,
       label_key="labels_hier" if hierarchical else "labels", image_shape=manifest.image_shape,
       num_labels=manifest.taxonomy.num_labels, augmentations=list(augmentations or []),
-      emit_example_info=emit_example_info, where=f"{data_dir}:{split}", emit_text=emit_text)
+      emit_example_info=emit_example_info, where=f"{data_dir}:{split}",
+      emit_text=emit_text or text_tokenizer is not None)
   # As many batches as an endless stream of examples holds.
   batches = grain.MapDataset.range(sys.maxsize // batch_size).map(make_batch)
+  if text_tokenizer is not None:
+    batches = batches.map(TokenizeText(text_tokenizer))
   return _to_iter_dataset(batches, worker_count)
 
 
@@ -392,10 +420,10 @@ class _EvalBatch(grain.transforms.Map):
 
 def eval_dataset(data_dir: str, split: str, *, batch_size: int, hierarchical: bool,
                  share: ProcessShare = ProcessShare(), worker_count: int = 0,
-                 emit_text: bool = False) -> tuple[grain.IterDataset, int]:
+                 emit_text: bool = False, text_tokenizer=None) -> tuple[grain.IterDataset, int]:
   """One pass, in order, padded batches with `mask` and `index` (the record's position in the split,
-  -1 for padding); returns (dataset, number of batches). emit_text: adds "text" as in
-  `train_dataset`."""
+  -1 for padding); returns (dataset, number of batches). emit_text / text_tokenizer: add "text" /
+  the tokenised text as in `train_dataset`."""
   manifest, reader = _split_reader(data_dir, split)
   total = len(reader)
   # Every process yields the same number of batches, sized by the largest share.
@@ -405,6 +433,9 @@ def eval_dataset(data_dir: str, split: str, *, batch_size: int, hierarchical: bo
       reader, batch_size=batch_size, share=share,
       real_length=len(range(share.index, total, share.count)),
       label_key="labels_hier" if hierarchical else "labels", image_shape=manifest.image_shape,
-      num_labels=manifest.taxonomy.num_labels, where=f"{data_dir}:{split}", emit_text=emit_text)
+      num_labels=manifest.taxonomy.num_labels, where=f"{data_dir}:{split}",
+      emit_text=emit_text or text_tokenizer is not None)
   batches = grain.MapDataset.range(num_batches).map(make_batch)
+  if text_tokenizer is not None:
+    batches = batches.map(TokenizeText(text_tokenizer))
   return _to_iter_dataset(batches, worker_count), num_batches

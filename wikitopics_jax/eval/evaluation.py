@@ -25,19 +25,38 @@ _PER_LABEL_PREDICTION_KEYS = ("predicted", "precision", "recall", "f1")
 CLOSED_RULE = "prob >= threshold, then every predicted label's ancestors added"
 
 
+MODALITIES = ("fused", "image", "text")
+
+
 def predict_split(eval_step, state, *, data_dir: str, split: str, batch_size: int, hierarchical: bool,
-                  mesh, worker_count: int = 0) -> dict[str, np.ndarray]:
-  """All examples of a split in their stored order: probs (N, L) float32, labels (N, L) uint8, loss (N,)."""
+                  mesh, worker_count: int = 0, text_tokenizer=None, modality: str = "fused",
+                  text_removed_fraction: float = 0.0) -> dict[str, np.ndarray]:
+  """All examples of a split in their stored order: probs (N, L) float32, labels (N, L) uint8, loss (N,).
+
+  text_tokenizer: a multimodal model's host tokenizer (`multimodal.text_tokenizer`): the batches
+  then carry the tokenised text (`pipeline.TokenizeText`) and has_image. modality: "fused" (both),
+  "image" (has_text False for every example: image only) or "text" (has_image False: text only).
+  text_removed_fraction: also remove the text of this share of the examples, chosen by a fixed hash
+  of the example's position in the split (the same examples every time).
+  """
+  if modality not in MODALITIES:
+    raise InputError(f"modality={modality!r}: must be one of {list(MODALITIES)}")
+  if text_tokenizer is None and (modality != "fused" or text_removed_fraction):
+    raise InputError(f"modality={modality!r} / text_removed_fraction={text_removed_fraction}: the "
+                     "model has no text input (config.text.tower='none')")
   per_process = sharding_lib.per_process_batch_size(batch_size, mesh, key="config.eval_batch_size")
   ds, num_batches = pipeline.eval_dataset(data_dir, split, batch_size=per_process,
                                           hierarchical=hierarchical, share=sharding_lib.process_share(),
-                                          worker_count=worker_count)
+                                          worker_count=worker_count, text_tokenizer=text_tokenizer)
   chunks: dict[str, list[np.ndarray]] = {"probs": [], "loss": [], "labels": [], "index": [], "mask": []}
   iterator = iter(ds)
   for _ in range(num_batches):
     local = next(iterator)
-    batch = sharding_lib.global_batch(local, mesh)
-    out = eval_step(state, {"image": batch["image"], "labels": batch["labels"]})
+    inputs = {"image": local["image"], "labels": local["labels"]}
+    if text_tokenizer is not None:
+      inputs.update(text_inputs(local, modality, text_removed_fraction))
+    batch = sharding_lib.global_batch({**inputs, "index": local["index"], "mask": local["mask"]}, mesh)
+    out = eval_step(state, {k: batch[k] for k in inputs})
     gathered = multihost_utils.process_allgather(
         {"probs": out["probs"], "loss": out["loss"], "labels": batch["labels"],
          "index": batch["index"], "mask": batch["mask"]}, tiled=True)
@@ -49,6 +68,29 @@ def predict_split(eval_step, state, *, data_dir: str, split: str, batch_size: in
   return {"probs": merged["probs"][keep][order].astype(np.float32),
           "labels": merged["labels"][keep][order].astype(np.uint8),
           "loss": merged["loss"][keep][order].astype(np.float32)}
+
+
+def text_inputs(local: dict[str, np.ndarray], modality: str = "fused",
+                text_removed_fraction: float = 0.0) -> dict[str, np.ndarray]:
+  """A tokenised batch's model inputs, with a modality blanked: text_ids, text_mask, has_text,
+  has_image (all (B, ...) NumPy)."""
+  has_text = np.asarray(local["has_text"], bool).copy()
+  has_image = np.ones(has_text.shape, bool)
+  if modality == "image":
+    has_text[:] = False
+  elif modality == "text":
+    has_image[:] = False
+  if text_removed_fraction:
+    has_text &= ~removed_by_hash(local["index"], text_removed_fraction)
+  return {"text_ids": local["text_ids"], "text_mask": local["text_mask"], "has_text": has_text,
+          "has_image": has_image}
+
+
+def removed_by_hash(index: np.ndarray, fraction: float) -> np.ndarray:
+  """(B,) bool: whether example `index` is in the removed `fraction` (Knuth's multiplicative hash of
+  the position, so the choice is fixed and spread evenly over the split)."""
+  hashed = (np.asarray(index, np.int64).astype(np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)
+  return hashed.astype(np.float64) / 2**32 < fraction
 
 
 def summarize(predictions: dict[str, np.ndarray], *, label_names, thresholds=0.5,

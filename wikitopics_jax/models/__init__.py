@@ -38,6 +38,7 @@ import ml_collections
 from flax import nnx
 
 from wikitopics_jax.errors import InputError
+from wikitopics_jax.models import multimodal
 from wikitopics_jax.models import xla_cpu
 from wikitopics_jax.models.efficientnet import (
     DEFAULT_DROP_CONNECT_RATE,
@@ -137,12 +138,19 @@ def _checked(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def create_model(model_cfg: ml_collections.ConfigDict, *, num_labels: int,
-                 rngs: nnx.Rngs) -> nnx.Module:
+                 rngs: nnx.Rngs, text_cfg: ml_collections.ConfigDict | None = None) -> nnx.Module:
   """Builds the model named by model_cfg.name (see the module docstring for the keys).
 
   `rngs` needs a 'params' stream (or 'default') for initialisation and a 'dropout' stream (or
   'default') for dropout and stochastic depth; the latter is forked into the model.
+  `text_cfg` (config.text) with a tower other than "none" builds the multimodal classifier
+  (`multimodal.py`) around that image model's backbone; the CPU kernels apply to the backbone only.
   """
+  if text_cfg is not None and text_cfg.get("tower", "none") != "none":
+    text = multimodal.checked_text_config(text_cfg)
+    return multimodal.create_multimodal(
+        lambda: create_model(model_cfg, num_labels=num_labels, rngs=rngs), text,
+        num_labels=num_labels, rngs=rngs)
   cfg = _checked(model_cfg)
   if cfg.head == "imagenet" and num_labels != IMAGENET_CLASSES:
     raise InputError(f"model.head='imagenet' has {IMAGENET_CLASSES} classes, "
