@@ -3,8 +3,8 @@ r"""Command line: `wikitopics <command> [flags]` (or `python -m wikitopics_jax.m
   train     --config=configs/demo.py --workdir=DIR [--config.key=value ...]
   evaluate  --workdir=DIR [--checkpoint=best|latest|STEP|all] [--split=test] [--thresholds=saved]
             [--watch --poll_seconds=60 --watch_timeout=0] [--ema]
-  predict   --workdir=DIR (--images_dir=DIR | --data_dir=DIR --split=S) --out=preds.parquet
-            [--coherent] [--jsonl] [--ema]
+  predict   --workdir=DIR (--images_dir=DIR [--text_table=T.csv] | --data_dir=DIR --split=S)
+            --out=preds.parquet [--coherent] [--jsonl] [--ema]
   report    --workdir=DIR [--split=test] [--checkpoint=best] [--out=DIR]
   generate  --data_dir=DIR [--num_images=20000 --image_size=64 --seed=0 --label_noise=0]
   ingest    --data_dir=DIR --labels=TABLES [--wit_tsv=FILES] [--image_dirs=DIRS] [--kaggle_pixels=FILES]
@@ -70,6 +70,9 @@ _POLL = flags.DEFINE_float("poll_seconds", 60.0, "evaluate --watch: polling inte
 _WATCH_TIMEOUT = flags.DEFINE_float("watch_timeout", 0.0, "evaluate --watch: give up after this many "
                                     "seconds (0 = when training has finished).")
 _IMAGES_DIR = flags.DEFINE_string("images_dir", None, "predict: a folder of images.")
+_TEXT_TABLE = flags.DEFINE_string(
+    "text_table", None, "predict: with --images_dir, for a multimodal model: a CSV/TSV table with "
+    "columns file (path relative to the folder), title and caption.")
 _COHERENT = flags.DEFINE_bool("coherent", False, "predict: make predictions hierarchy-coherent.")
 _JSONL = flags.DEFINE_bool("jsonl", False, "predict: JSON lines instead of Parquet.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset directory (generate/ingest: output).")
@@ -147,8 +150,8 @@ COMMAND_FLAGS = {
     "train": ("config", "workdir"),
     "evaluate": ("workdir", "checkpoint", "split", "thresholds", "ema", "watch", "poll_seconds",
                  "watch_timeout", "config"),
-    "predict": ("workdir", "images_dir", "data_dir", "split", "out", "checkpoint", "thresholds",
-                "coherent", "jsonl", "resize", "ema", "config"),
+    "predict": ("workdir", "images_dir", "text_table", "data_dir", "split", "out", "checkpoint",
+                "thresholds", "coherent", "jsonl", "resize", "ema", "config"),
     "report": ("workdir", "split", "checkpoint", "out", "config"),
     "generate": ("data_dir", "num_images", "image_size", "seed", "label_noise"),
     "ingest": ("data_dir", "labels", "wit_tsv", "image_dirs", "kaggle_pixels", "taxonomy",
@@ -214,7 +217,7 @@ def _predict():
   from wikitopics_jax.eval import predict  # pylint: disable=g-import-not-at-top
   run = predict.predict(
       _required(_WORKDIR, "predict"), out_path=_required(_OUT, "predict"),
-      images_dir=_IMAGES_DIR.value, data_dir=_DATA_DIR.value,
+      images_dir=_IMAGES_DIR.value, text_table=_TEXT_TABLE.value, data_dir=_DATA_DIR.value,
       split=(_SPLIT.value or "test") if _DATA_DIR.value else None, checkpoint=_CHECKPOINT.value,
       thresholds=_THRESHOLDS.value, coherent=_COHERENT.value, jsonl=_JSONL.value,
       resize=_RESIZE.value if _RESIZE.present else None, config_override=_CONFIG.value,

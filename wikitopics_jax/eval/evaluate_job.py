@@ -9,6 +9,9 @@ Per checkpoint, in `<workdir>/eval/`, one pair of files per threshold rule:
   <split>_step<N>.predictions.npz   probs (N, L) float32, labels (N, L) uint8, loss (N,) per example in
                                     the split's stored order; `report` reads them instead of rerunning
 and, over all checkpoints evaluated on a split, <split>_checkpoints.{json,md}: one row per step and rule.
+A multimodal model (config.text.tower != "none") is also run with every text removed, with every image
+removed and with half of the texts removed: the first rule's result gets "modalities" ({"fused",
+"image_only", "text_only", "fused_half_text"}: macro/micro AP, macro F1 at 0.5 and per-label AP).
 <rule> is "t0.5" (or "t<value>" for --thresholds=<value>), "tuned" (the saved thresholds.json of that
 checkpoint) or "file-<name>" (--thresholds=<file>). The default, --thresholds=saved, writes both t0.5
 and, when thresholds were tuned for the checkpoint, tuned: the same rule always lands in the same
@@ -40,6 +43,7 @@ import numpy as np
 
 from wikitopics_jax import checkpointing
 from wikitopics_jax import losses
+from wikitopics_jax.models import multimodal
 from wikitopics_jax.eval import evaluation
 from wikitopics_jax.eval import evaluators
 from wikitopics_jax.data import manifest as manifest_lib
@@ -218,6 +222,8 @@ class RestoredModel:
                        f"one has ema.decay = {self.config.get('ema', {}).get('decay', 0.0)}")
     self.eval_step = steps_lib.make_eval_step(self.task, state_sharding=self.placement.state,
                                               batch_sharding=self.placement.batch, use_ema=ema)
+    # A multimodal model's host tokenizer (None: an image-only model).
+    self.text_tokenizer = multimodal.text_tokenizer(self.config)
     self._restored = None  # (step, state) that resolve_step("latest") restored to verify it
 
   @property
@@ -300,13 +306,28 @@ class Evaluator:
                            train_info.positives(config.data.hierarchical) / train_info.num_examples),
         excluded_labels=tuple(evaluation.labels_without_ground_truth(manifest, split)))
 
-  def predictions(self, step: int) -> dict[str, np.ndarray]:
-    """probs, labels and loss of every example of the split, in stored order, for checkpoint `step`."""
+  def predictions(self, step: int, state: Any = None, **modality) -> dict[str, np.ndarray]:
+    """probs, labels and loss of every example of the split, in stored order, for checkpoint `step`
+    (`state`: already restored). `modality`: predict_split's modality / text_removed_fraction."""
     config = self.model.config
-    state = self.model.restore(step)
+    state = self.model.restore(step) if state is None else state
     return evaluation.predict_split(self.model.eval_step, state, data_dir=config.data.dir,
                                     split=self.split, batch_size=config.eval_batch_size,
-                                    hierarchical=config.data.hierarchical, mesh=self.model.mesh)
+                                    hierarchical=config.data.hierarchical, mesh=self.model.mesh,
+                                    text_tokenizer=self.model.text_tokenizer, **modality)
+
+  def modalities(self, step: int, state: Any, fused: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A multimodal model's fused, image-only (text removed), text-only (image removed) and
+    half-text (the text of half of the examples removed) results at threshold 0.5: macro/micro AP,
+    macro F1 and the AP of each label."""
+    out = {}
+    for name, kwargs in MODALITY_RUNS:
+      predictions = fused if not kwargs else self.predictions(step, state, **kwargs)
+      result = evaluators.run(self.report, [], predictions, self.context)
+      out[name] = {"macro_ap": result["macro_ap"], "micro_ap": result["micro_ap"],
+                   "macro_f1": result["f1"]["macro"], "removed": MODALITY_DESCRIPTIONS[name],
+                   "per_label_ap": {row["name"]: row["ap"] for row in result["per_label"]}}
+    return out
 
   def evaluate(self, step: int) -> dict[str, Any]:
     """Metrics of checkpoint `step`, one result per threshold rule (`threshold_rules`).
@@ -315,10 +336,13 @@ class Evaluator:
     Returns the first rule's result; with "saved" thresholds tuned for this step, that is threshold
     0.5's, and the tuned result is under "at_tuned_thresholds" (as in the training job's results.json).
     """
-    predictions = self.predictions(step)
+    state = self.model.restore(step)
+    predictions = self.predictions(step, state)
     label_names = self.model.label_names
     rules = threshold_rules(self.workdir, self.thresholds, label_names, step)
     save_predictions(eval_path(self.workdir, self.tag, step, ".predictions.npz"), predictions)
+    modalities = (self.modalities(step, state, predictions)
+                  if self.model.text_tokenizer is not None else None)
     results = []
     for rule in rules:
       result = evaluators.run(self.report, self.others, predictions,
@@ -329,6 +353,8 @@ class Evaluator:
                     data_dir=os.path.abspath(self.model.config.data.dir))
       if self.model.ema:
         result["weights"] = f"EMA of the parameters (decay {self.model.task.ema_decay})"
+      if modalities is not None:
+        result["modalities"] = modalities
       path = eval_path(self.workdir, self.tag, step, f"_{rule.tag}.json")
       evaluation.write_json(path, result)
       _write_text(eval_path(self.workdir, self.tag, step, f"_{rule.tag}.md"), markdown_report(result))
@@ -338,6 +364,9 @@ class Evaluator:
       results.append(result)
     if len(results) > 1 and jax.process_index() == 0:
       print(_comparison(results[0], results[1]), flush=True)
+    if modalities is not None and jax.process_index() == 0:
+      print(f"Modalities, split {self.split!r}, step {step}, threshold 0.5:\n"
+            f"{modality_table(modalities)}", flush=True)
     main = dict(results[0])
     if len(results) > 1:
       main["at_tuned_thresholds"] = results[1]
@@ -345,6 +374,29 @@ class Evaluator:
 
   def is_evaluated(self, step: int) -> bool:
     return os.path.exists(eval_path(self.workdir, self.tag, step, f"_{_rule_tag(self.thresholds)}.json"))
+
+
+# A multimodal model is also evaluated with a modality removed (predict_split's arguments).
+MODALITY_RUNS = (("fused", {}), ("image_only", {"modality": "image"}),
+                 ("text_only", {"modality": "text"}), ("fused_half_text", {"text_removed_fraction": 0.5}))
+MODALITY_DESCRIPTIONS = {"fused": "nothing", "image_only": "every text", "text_only": "every image",
+                         "fused_half_text": "the text of half of the examples (a fixed hash of position)"}
+
+
+def modality_table(modalities: dict[str, Any]) -> str:
+  """The modality comparison's headline numbers as a markdown table."""
+  return _md_table(["input", "removed", "macro AP", "micro AP", "macro F1"],
+                   [[name, m["removed"], m["macro_ap"], m["micro_ap"], m["macro_f1"]]
+                    for name, m in modalities.items()])
+
+
+def modality_per_label_table(modalities: dict[str, Any]) -> str:
+  """AP of each label with each modality setting (columns: fused, image_only, text_only, ...)."""
+  names = list(modalities)
+  labels = list(next(iter(modalities.values()))["per_label_ap"])
+  return _md_table(["label", *(f"AP {n}" for n in names)],
+                   [[label, *(modalities[n]["per_label_ap"].get(label) for n in names)]
+                    for label in labels])
 
 
 def _rules_note(result: dict[str, Any]) -> str:
@@ -526,6 +578,10 @@ def markdown_report(result: dict[str, Any]) -> str:
   label_rows = [[row["name"], row["support"], row["predicted"], row["ap"], row["baseline_ap"],
                  row["precision"], row["recall"], row["f1"], row["threshold"],
                  *([row.get("threshold_rule")] if with_rules else [])] for row in per_label]
+  modality_sections = []
+  if result.get("modalities"):
+    modality_sections = ["## Modalities (threshold 0.5)", modality_table(result["modalities"]),
+                         modality_per_label_table(result["modalities"])]
   return "\n\n".join([
       f"# {_title(result)}",
       _md_table(["metric", "value"], summary),
@@ -535,6 +591,7 @@ def markdown_report(result: dict[str, Any]) -> str:
       "## Per label",
       _md_table(["label", "support", "predicted", "AP", "baseline AP", "P", "R", "F1", "threshold",
                  *(["threshold rule"] if with_rules else [])], label_rows),
+      *modality_sections,
   ]) + "\n"
 
 

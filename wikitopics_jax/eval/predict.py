@@ -3,6 +3,16 @@
 Input: a folder of image files (searched recursively; hidden files skipped), or a split of an ingested
 dataset directory (whose taxonomy and image size must be the model's).
 
+Text (a multimodal model, config.text.tower != "none"): with a folder, `text_table` is a CSV (or,
+by a .tsv/.tab name, tab-separated) file with a header row and the columns
+  file      the image's path relative to the folder, as in the output's `id`
+  title     the page title (may be empty)
+  caption   the caption / reference description (may be empty)
+(other columns are ignored). An image's text is its title and caption joined as the training records'
+text is (`records.TEXT_SEPARATOR`); an image without a row, or with both cells empty, has no text,
+as does every image when no table is given. A row naming a file that is not in the folder, a file
+named twice, or a missing column is an InputError naming it. A dataset split brings its records' text.
+
 Folder images are decoded exactly as the dataset ingest decodes them (`image_decoding.decode_image`), the
 same way for every file: EXIF orientation applied, any mode converted to RGB (transparent pixels on
 white), and by default ("squash") the whole image resized to image_size x image_size without cropping
@@ -104,7 +114,8 @@ class PredictionRun:
   closed: bool = False                # every predicted label's ancestors added
 
 
-def predict(workdir: str, *, out_path: str, images_dir: str | None = None, data_dir: str | None = None,
+def predict(workdir: str, *, out_path: str, images_dir: str | None = None,
+            text_table: str | None = None, data_dir: str | None = None,
             split: str | None = None, checkpoint: str | int = "best", thresholds: str | None = "saved",
             coherent: bool = False, jsonl: bool = False, resize: str | None = None,
             batch_size: int | None = None,
@@ -115,7 +126,7 @@ def predict(workdir: str, *, out_path: str, images_dir: str | None = None, data_
     workdir: the training workdir (its config, checkpoints, thresholds.json; its dataset's manifest
       gives the taxonomy and the image size).
     out_path: the Parquet (or JSONL) file to write.
-    images_dir: a folder of image files; or
+    images_dir: a folder of image files (text_table: their text, see the module docstring); or
     data_dir, split: an ingested dataset directory and one of its splits.
     checkpoint: "best", "latest" or a step.
     thresholds: "saved" (the tuned thresholds of this checkpoint, else 0.5), a number, or a file.
@@ -135,8 +146,14 @@ def predict(workdir: str, *, out_path: str, images_dir: str | None = None, data_
     raise InputError("predict: split given without data_dir")
   if resize is not None and resize not in image_decoding.RESIZE_METHODS:
     raise InputError(f"resize={resize!r} is not one of {image_decoding.RESIZE_METHODS}")
+  if text_table is not None and images_dir is None:
+    raise InputError("predict: text_table goes with images_dir (a split brings its own text)")
   files = list_image_files(images_dir) if images_dir is not None else None
+  texts = read_text_table(text_table, files) if text_table is not None else None
   model = evaluate_job.RestoredModel(workdir, config_override=config_override, ema=ema)
+  if texts is not None and model.text_tokenizer is None:
+    raise InputError(f"predict: text_table={text_table} given, but the model in {workdir} takes no "
+                     "text (config.text.tower='none')")
   step = model.resolve_step(checkpoint)
   state = model.restore(step)
   batch_size = batch_size or model.config.eval_batch_size
@@ -145,7 +162,8 @@ def predict(workdir: str, *, out_path: str, images_dir: str | None = None, data_
     ingested_with = model.manifest.info.get("settings") or {}
     settings = image_decoding.DecodeSettings(size=model.manifest.image_shape[0],
                                              resize=resize or ingested_with.get("resize", "squash"))
-    probs, rows, failed = _predict_folder(model, state, images_dir, files, batch_size, settings)
+    probs, rows, failed = _predict_folder(model, state, images_dir, files, batch_size, settings,
+                                          texts)
     if not rows:
       name, reason = failed[0]
       raise InputError(f"{images_dir}: none of its {len(files)} files could be decoded as an image "
@@ -200,14 +218,48 @@ def label_predictions(probs: np.ndarray, thresholds, taxonomy, *, coherent: bool
   return probs, predicted
 
 
+TEXT_TABLE_COLUMNS = ("file", "title", "caption")
+
+
+def read_text_table(path: str, files: Sequence[str]) -> list[str | None]:
+  """The text of each of `files` (None: no text) from a CSV/TSV table (module docstring)."""
+  import csv  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise InputError(f"{path}: text table not found")
+  delimiter = "\t" if os.path.splitext(path)[1].lower() in (".tsv", ".tab") else ","
+  with open(path, newline="", encoding="utf-8") as f:
+    reader = csv.DictReader(f, delimiter=delimiter)
+    header = reader.fieldnames or []
+    for column in TEXT_TABLE_COLUMNS:
+      if column not in header:
+        raise InputError(f"{path}: no column {column!r} (columns: {header}; needs "
+                         f"{list(TEXT_TABLE_COLUMNS)})")
+    position = {name: i for i, name in enumerate(files)}
+    texts: list[str | None] = [None] * len(files)
+    seen = set()
+    for line, row in enumerate(reader, start=2):
+      name = os.path.normpath(row["file"] or "")
+      if name not in position:
+        raise InputError(f"{path} line {line}: file {row['file']!r} is not in the images folder")
+      if name in seen:
+        raise InputError(f"{path} line {line}: file {row['file']!r} is named twice")
+      seen.add(name)
+      text = records.TEXT_SEPARATOR.join(p for p in (row["title"], row["caption"]) if p and p.strip())
+      texts[position[name]] = text or None
+  return texts
+
+
 # ---------------------------------------------------------------------------------------------------
 # Running the model
 
 
 def _predict_folder(model: evaluate_job.RestoredModel, state, images_dir: str, files: list[str],
-                    batch_size: int, settings: image_decoding.DecodeSettings
+                    batch_size: int, settings: image_decoding.DecodeSettings,
+                    texts: list[str | None] | None = None
                     ) -> tuple[np.ndarray, list[dict[str, Any]], list[tuple[str, str]]]:
-  """Probabilities of every readable file, rows {"id", "path"}, and (file, reason) of unreadable ones."""
+  """Probabilities of every readable file, rows {"id", "path"}, and (file, reason) of unreadable ones.
+
+  texts: per file, its text or None (a multimodal model; None for all when not given)."""
   images_dir = os.path.abspath(images_dir)
   height, width, channels = model.manifest.image_shape
   num_labels = len(model.label_names)
@@ -238,8 +290,17 @@ def _predict_folder(model: evaluate_job.RestoredModel, state, images_dir: str, f
         local["index"][row] = i
         if pixels is not None:
           local["image"][row], local["ok"][row] = pixels, True
+      inputs = ["image", "labels"]
+      if model.text_tokenizer is not None:
+        # Tokenised on the host, as the input pipeline does; padding rows have no text.
+        ids, mask = model.text_tokenizer(
+            [None if texts is None or i < 0 else texts[i] for i in local["index"].tolist()])
+        local.update(text_ids=np.asarray(ids, np.int32), text_mask=np.asarray(mask, bool))
+        local["has_text"] = local["text_mask"].any(axis=-1)
+        local["has_image"] = np.ones(per_process, bool)
+        inputs += ["text_ids", "text_mask", "has_text", "has_image"]
       batch = sharding_lib.global_batch(local, model.mesh)
-      out = model.eval_step(state, {"image": batch["image"], "labels": batch["labels"]})
+      out = model.eval_step(state, {k: batch[k] for k in inputs})
       gathered = multihost_utils.process_allgather(
           {"probs": out["probs"], "index": batch["index"], "ok": batch["ok"]}, tiled=True)
       for key, value in gathered.items():
@@ -269,7 +330,7 @@ def _predict_split(model: evaluate_job.RestoredModel, state, data_dir: str, spli
   hierarchical = model.config.data.hierarchical
   predictions = evaluation.predict_split(model.eval_step, state, data_dir=data_dir, split=split,
                                          batch_size=batch_size, hierarchical=hierarchical,
-                                         mesh=model.mesh)
+                                         mesh=model.mesh, text_tokenizer=model.text_tokenizer)
   rows = []
   if jax.process_index() == 0:
     source = grain.sources.ArrayRecordDataSource(

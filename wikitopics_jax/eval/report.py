@@ -53,6 +53,7 @@ from wikitopics_jax.data import manifest as manifest_lib
 from wikitopics_jax.eval import metrics as metrics_lib
 from wikitopics_jax.data import records
 from wikitopics_jax.eval import thresholds as thresholds_lib
+from wikitopics_jax.models import multimodal
 
 FIGURES_DIR = "figures"
 THUMBS_DIR = "thumbs"
@@ -719,6 +720,32 @@ class _ReportBuilder:
     with open(os.path.join(self.out_dir, "index.html"), "w", encoding="utf-8") as f:
       f.write(html_text)
 
+  def _modalities_html(self) -> list[str]:
+    """A multimodal model's AP per label with both modalities, the image only and the text only (from
+    the evaluate job's eval/<split>_step<N>_t0.5.json "modalities"); nothing for an image-only model."""
+    if not multimodal.is_multimodal(self.config):
+      return []
+    path = evaluate_job.eval_path(self.workdir, self.split, self.step, "_t0.5.json")
+    modalities = None
+    if os.path.exists(path):
+      with open(path) as f:
+        modalities = json.load(f).get("modalities")
+    if not modalities:
+      return ["<h3>Modalities</h3>",
+              f"<p>No modality comparison for this checkpoint: run <code>wikitopics evaluate "
+              f"--workdir={html.escape(self.workdir)} --split={html.escape(self.split)}</code> "
+              "first.</p>"]
+    names = list(modalities)
+    headline = _table(["input", "removed", "macro AP", "micro AP", "macro F1 (0.5)"],
+                      [[n, m["removed"], m["macro_ap"], m["micro_ap"], m["macro_f1"]]
+                       for n, m in modalities.items()])
+    per_label = _table(["label", *(f"AP {n}" for n in names)],
+                       [[self.names[j], *(modalities[n]["per_label_ap"].get(self.names[j])
+                                          for n in names)] for j in self.order])
+    return ["<h3>Modalities</h3>",
+            f"<p>The same checkpoint with a modality removed ({html.escape(path)}).</p>",
+            headline, per_label]
+
   def _rules_html(self) -> str:
     """What each per-label threshold rule means, from thresholds.json; "" without rules."""
     if self.tuned_rule is None or self.tuned_rule.rules is None:
@@ -830,6 +857,7 @@ class _ReportBuilder:
         "<h3>Per label</h3>",
         _per_label_table(results, self.order, self.train_counts,
                          None if self.tuned_rule is None else self.tuned_rule.rules),
+        *self._modalities_html(),
         '<h2 id="training">Training</h2>', figure_html["training"],
         '<h2 id="thresholds">Thresholds</h2>',
         self._rules_html(),

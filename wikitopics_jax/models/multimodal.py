@@ -22,8 +22,8 @@ The call: `model(images, text_ids=, text_mask=, has_text=, has_image=)` -> float
 an all-False `text_mask` row also means no text). A removed modality is handled exactly as one dropped
 by modality dropout in training: late fusion puts the learned "missing" vector in its place, the
 label-query head masks its tokens out of the attention keys. Modality dropout never removes the only
-modality an example has, and an example without either (no text, has_image False) attends to / fuses
-the missing image only.
+modality an example has. An example with neither (no text, has_image False) gets both "missing"
+vectors (late fusion) or attends to zeroed image tokens (label query): a constant prediction.
 """
 
 from __future__ import annotations
@@ -123,8 +123,6 @@ def checked_text_config(text_cfg: ml_collections.ConfigDict | dict | None) -> ml
   if cfg.label_query.width % cfg.label_query.heads:
     fail("label_query.width", cfg.label_query.width,
          f"must be a multiple of label_query.heads={cfg.label_query.heads}")
-  if cfg.fusion == "gated" and cfg.tower != "none" and not cfg.hidden_dim:
-    fail("hidden_dim", cfg.hidden_dim, "gated fusion needs a width")
   return cfg
 
 
@@ -206,13 +204,11 @@ class MultimodalClassifier(nnx.Module):
     if text_cfg.tower == "bag":
       self.text = bag_lib.BagOfNgrams(text_cfg.bag.num_buckets, text_cfg.bag.dim, rngs=rngs)
       text_dim = text_cfg.bag.dim
-      self.max_text_length = text_cfg.bag.max_ids
     else:
       from wikitopics_jax.models.text import minilm  # pylint: disable=g-import-not-at-top
       # A frozen encoder runs as in inference (no dropout), as sentence-transformers embeds.
       self.text = minilm.pretrained_minilm(dropout_rate=0.1 if self.text_trainable else 0.0)
       text_dim = self.text.config.hidden
-      self.max_text_length = text_cfg.minilm.max_length
     drop = text_cfg.modality_dropout
     if image is None:
       self.head = TextOnlyHead(text_dim, text_cfg.hidden_dim, num_labels, rngs=rngs)
