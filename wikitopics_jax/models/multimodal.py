@@ -149,36 +149,6 @@ def _bag_tokenizer(num_buckets: int, max_ids: int, min_n: int, max_n: int,
                               word_ngrams=word_ngrams)
 
 
-class _LateFusion(fusion_lib.LateFusion):
-  """LateFusion with a per-example `has_image`: a removed image is filled as a dropped one."""
-
-  def fuse_masked(self, image: jax.Array, text: jax.Array, has_text: jax.Array,
-                  has_image: jax.Array) -> jax.Array:
-    image = self.image_norm(image.astype(jnp.float32))
-    text = self.text_norm(text.astype(jnp.float32))
-    text_kept, image_kept = _kept(self.text_dropout, self.image_dropout, has_text, has_image)
-    text = self.text_dropout.fill(text, text_kept)
-    image = self.image_dropout.fill(image, image_kept)
-    image, text = image.astype(self.dtype), text.astype(self.dtype)
-    joint = jnp.concatenate([image, text], axis=-1)
-    if self.fusion == "gated":
-      z = jax.nn.sigmoid(self.gate(joint))
-      return z * jnp.tanh(self.image_proj(image)) + (1 - z) * jnp.tanh(self.text_proj(text))
-    return jax.nn.relu(self.hidden(joint)) if self.hidden is not None else joint
-
-
-def _kept(text_dropout: fusion_lib.ModalityDropout, image_dropout: fusion_lib.ModalityDropout,
-          has_text: jax.Array, has_image: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(text kept, image kept) per example: present and not dropped, never dropping the only one.
-
-  With every image present this is LateFusion's own rule (image dropout only where the text
-  survived). An example with neither keeps nothing: both get their "missing" fill.
-  """
-  text_kept = text_dropout.keep(has_text) | (has_text & ~has_image)
-  image_kept = has_image & (image_dropout.keep(jnp.ones_like(has_image)) | ~text_kept)
-  return text_kept, image_kept
-
-
 class TextOnlyHead(nnx.Module):
   """Text feature (B, Dt) -> LayerNorm -> Dense(hidden) + ReLU -> Dense(num_labels), float32 logits."""
 
@@ -216,7 +186,8 @@ class MultimodalClassifier(nnx.Module):
     image_dim = image.architecture.top_filters
     if text_cfg.fusion == "label_query":
       lq = text_cfg.label_query
-      # The head's own text dropout stays off: the model drops both modalities itself (`_kept`).
+      # The head's own text dropout stays off: the model drops both modalities itself
+      # (`fusion.kept_modalities`).
       self.head = fusion_lib.LabelQueryHead(num_labels, image_dim, text_dim, width=lq.width,
                                             heads=lq.heads, layers=lq.layers, text_dropout=0.0,
                                             rngs=rngs)
@@ -225,9 +196,10 @@ class MultimodalClassifier(nnx.Module):
       self.image_dropout = fusion_lib.ModalityDropout(image_dim, float(drop.image), missing="zeros",
                                                       rngs=rngs)
     else:
-      self.head = _LateFusion(image_dim, text_dim, num_labels, fusion=text_cfg.fusion,
-                              hidden_dim=text_cfg.hidden_dim, text_dropout=float(drop.text),
-                              image_dropout=float(drop.image), rngs=rngs)
+      self.head = fusion_lib.LateFusion(image_dim, text_dim, num_labels, fusion=text_cfg.fusion,
+                                        hidden_dim=text_cfg.hidden_dim,
+                                        text_dropout=float(drop.text),
+                                        image_dropout=float(drop.image), rngs=rngs)
 
   @property
   def input_normalization(self) -> str | None:
@@ -269,7 +241,8 @@ class MultimodalClassifier(nnx.Module):
     has_image = (jnp.ones((batch,), bool) if has_image is None else jnp.asarray(has_image, bool))
     feature_map = self.image.features(images)
     if self.fusion == "label_query":
-      text_kept, image_kept = _kept(self.text_dropout, self.image_dropout, has_text, has_image)
+      text_kept, image_kept = fusion_lib.kept_modalities(self.text_dropout, self.image_dropout,
+                                                         has_text, has_image)
       tokens = feature_map.reshape(batch, -1, feature_map.shape[-1])
       # A removed image's tokens are zeroed (no gradient into the backbone) and masked out, unless
       # the example has nothing else to attend to.
@@ -278,9 +251,7 @@ class MultimodalClassifier(nnx.Module):
       return self.head(tokens, self._text_tokens(text_ids, text_mask),
                        text_mask & text_kept[:, None], image_mask)
     pooled = jnp.mean(feature_map.astype(jnp.float32), axis=(1, 2))
-    fused = self.head.fuse_masked(pooled, self._text_feature(text_ids, text_mask), has_text,
-                                  has_image)
-    return self.head.readout(self.head.dropout(fused)).astype(jnp.float32)
+    return self.head(pooled, self._text_feature(text_ids, text_mask), has_text, has_image)
 
   def set_trainable_layers(self, num_layers: int | None) -> Any:
     """The image backbone's last `num_layers` layers (None = all), the fusion head and the text

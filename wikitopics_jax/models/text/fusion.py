@@ -108,16 +108,21 @@ class LateFusion(nnx.Module):
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
     self.readout = nnx.Linear(width, num_labels, **common)
 
-  def fuse(self, image: jax.Array, text: jax.Array,
-           has_text: jax.Array | None = None) -> jax.Array:
-    """The fused feature before the readout: (B, hidden_dim), or (B, Di + Dt) for plain concat."""
-    if has_text is None:
-      has_text = jnp.ones(text.shape[:1], bool)
+  def fuse(self, image: jax.Array, text: jax.Array, has_text: jax.Array | None = None,
+           has_image: jax.Array | None = None) -> jax.Array:
+    """The fused feature before the readout: (B, hidden_dim), or (B, Di + Dt) for plain concat.
+
+    has_text / has_image: (B,) bool, None = present for every example. An absent modality gets
+    the same fill as a dropped one.
+    """
+    ones = jnp.ones(image.shape[:1], bool)
+    has_text = ones if has_text is None else jnp.asarray(has_text, bool)
+    has_image = ones if has_image is None else jnp.asarray(has_image, bool)
     image = self.image_norm(image.astype(jnp.float32))
     text = self.text_norm(text.astype(jnp.float32))
-    text, text_kept = self.text_dropout(text, has_text)
-    # Image dropout only where the text survived, so no example loses both modalities.
-    image_kept = self.image_dropout.keep(jnp.ones(image.shape[:1], bool)) | ~text_kept
+    text_kept, image_kept = kept_modalities(self.text_dropout, self.image_dropout, has_text,
+                                            has_image)
+    text = self.text_dropout.fill(text, text_kept)
     image = self.image_dropout.fill(image, image_kept)
     image, text = image.astype(self.dtype), text.astype(self.dtype)
     joint = jnp.concatenate([image, text], axis=-1)
@@ -126,9 +131,22 @@ class LateFusion(nnx.Module):
       return z * jnp.tanh(self.image_proj(image)) + (1 - z) * jnp.tanh(self.text_proj(text))
     return jax.nn.relu(self.hidden(joint)) if self.hidden is not None else joint
 
-  def __call__(self, image: jax.Array, text: jax.Array,
-               has_text: jax.Array | None = None) -> jax.Array:
-    return self.readout(self.dropout(self.fuse(image, text, has_text))).astype(jnp.float32)
+  def __call__(self, image: jax.Array, text: jax.Array, has_text: jax.Array | None = None,
+               has_image: jax.Array | None = None) -> jax.Array:
+    fused = self.fuse(image, text, has_text, has_image)
+    return self.readout(self.dropout(fused)).astype(jnp.float32)
+
+
+def kept_modalities(text_dropout: ModalityDropout, image_dropout: ModalityDropout,
+                    has_text: jax.Array, has_image: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(text kept, image kept) per example: present and not dropped, never dropping the only one.
+
+  Image dropout only hits examples whose text survived, so no example loses both modalities; an
+  example with neither keeps nothing (both get their "missing" fill).
+  """
+  text_kept = text_dropout.keep(has_text) | (has_text & ~has_image)
+  image_kept = has_image & (image_dropout.keep(jnp.ones_like(has_image)) | ~text_kept)
+  return text_kept, image_kept
 
 
 class QueryDecoderLayer(nnx.Module):
