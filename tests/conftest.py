@@ -1,9 +1,12 @@
-"""Test set-up: 8 fake CPU devices (so sharding code runs here) and a persistent XLA cache."""
+"""Test set-up: 8 fake CPU devices (so sharding code runs here), fast-compile XLA flags and a
+persistent XLA cache; the tests of one file, or of one shared expensive run, on one xdist worker."""
 
 import os
 
+import tests
+
 # Must happen before JAX initialises its backends.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", tests.xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from wikitopics_jax import host_allocator  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -23,22 +26,22 @@ flags.FLAGS.mark_as_parsed()
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# Tests that share an expensive module-level run go to one xdist worker (`--dist loadgroup` in
-# pyproject.toml), which then computes it once: the benchmark module's tiny run of every suite, and
-# the tiny training run of tests/trained_runs.py (a module cache, one per worker).
-_GROUPS = {"test_bench.py": "bench_suites", "test_report.py": "tiny_run", "test_predict.py": "tiny_run",
-           "test_evaluators.py": "tiny_run"}
+# The tests of one file run on one xdist worker (`--dist loadfile` in pyproject.toml), which then
+# computes the file's shared fixtures once (a session fixture is computed by every worker that runs a
+# test needing it). xdist's `loadgroup` would also keep the files sharing tests/trained_runs.py's
+# tiny run together, but its groups are lost under pytest 9 (it renames items through an attribute
+# pytest 9 no longer reads); at worst that run is made twice, once per worker, the second time from
+# the persistent compilation cache.
+#
 # The longest files start first, so the workers end together instead of one finishing a
 # multi-minute test alone at the end (cold-cache durations, docs/testing.md).
-_FIRST = ("test_preemption.py", "test_bench.py", "test_ema.py", "test_resilience.py", "test_evaluators.py",
-          "test_experiments.py", "test_grad_accum.py", "test_loss_training.py", "test_batchnorm.py")
+_FIRST = ("test_bench.py", "test_multimodal.py", "test_resilience.py", "test_evaluators.py",
+          "test_report.py", "test_predict.py", "test_models.py", "test_preemption.py",
+          "test_batchnorm.py", "test_text_towers.py", "test_training.py")
 
 
 def pytest_collection_modifyitems(config, items):
   del config
-  for item in items:
-    group = _GROUPS.get(item.path.name)
-    if group:
-      item.add_marker(pytest.mark.xdist_group(group))
   rank = {name: i for i, name in enumerate(_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(_FIRST)))
+

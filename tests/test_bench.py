@@ -21,7 +21,9 @@ from wikitopics_jax.errors import InputError
 # One run of every suite (tiny) serves most tests below.
 
 
-@pytest.fixture(scope="module")
+# Session scope: a module fixture is torn down (and later recomputed) whenever xdist runs another
+# module's test between two of this module's.
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("bench")
   ctx = runner.Context(tiny=True, profile_dir=str(tmp / "profile"), log=lambda message: None)

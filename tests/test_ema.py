@@ -3,7 +3,6 @@ checkpointed EMA equals the formula applied to the raw parameters of every step'
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ import optax
 import pytest
 
 from tests import datasets
+from tests import toy_config
 from wikitopics_jax import checkpointing
 from wikitopics_jax.eval import evaluate_job
 from wikitopics_jax import optimizers
@@ -19,8 +19,6 @@ from wikitopics_jax.eval import predict
 from wikitopics_jax import trainer
 from wikitopics_jax.errors import InputError
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def debiased_ema(trajectory, decay):
@@ -53,7 +51,7 @@ def test_ema_decay_outside_the_open_unit_interval_is_a_config_error():
     optimizers.params_ema(1.0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("ema") / "data")
   datasets.make_dataset(d, sizes={"train": 64, "val": 32, "test": 32}, image_size=32)
@@ -62,7 +60,7 @@ def data_dir(tmp_path_factory):
 
 def test_training_checkpoints_the_ema_and_evaluates_it_next_to_the_raw_parameters(tmp_path, data_dir):
   decay = 0.6
-  config = tiny.get_config(data_dir)
+  config = toy_config.get_config(data_dir)
   config.update_from_flattened_dict({"ema.decay": decay, "checkpoint.every_steps": 1,
                                      "checkpoint.keep_latest": 8, "num_epochs": 2,
                                      "thresholds.tune": False})
@@ -105,7 +103,7 @@ def test_training_checkpoints_the_ema_and_evaluates_it_next_to_the_raw_parameter
   assert os.path.exists(os.path.join(workdir, "eval", f"test_ema_step{best}_t0.5.json"))
   with open(raw_path) as f:
     assert f.read() == raw_before
-  no_ema = tiny.get_config(data_dir)
+  no_ema = toy_config.get_config(data_dir)
   no_ema.thresholds.tune = False
   with pytest.raises(InputError, match="--ema needs a run trained with config.ema.decay > 0"):
     evaluate_job.evaluate(workdir, ema=True, config_override=no_ema)

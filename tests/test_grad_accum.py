@@ -1,8 +1,6 @@
 """Gradient accumulation (config.grad_accum_steps), the device prefetcher, and no device-to-host copies
 in the steady state of the training loop."""
 
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +10,7 @@ import pytest
 from flax import nnx
 
 from tests import datasets
+from tests import toy_config
 from wikitopics_jax import checkpointing
 from wikitopics_jax import losses
 from wikitopics_jax.data import pipeline
@@ -21,9 +20,6 @@ from wikitopics_jax import task as task_lib
 from wikitopics_jax import trainer
 from wikitopics_jax.errors import InputError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NUM_LABELS = 5
 
@@ -124,7 +120,7 @@ def test_grad_accum_steps_must_divide_the_per_device_batch():
     sharding.check_grad_accum(32, 0, mesh)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("accum") / "data")
   datasets.make_dataset(d, sizes={"train": 128, "val": 32, "test": 32}, image_size=32)
@@ -152,7 +148,7 @@ def test_device_prefetch_saves_the_position_of_the_last_batch_handed_out(data_di
 
 
 def _tiny_config(data_dir, **overrides):
-  c = tiny.get_config(data_dir)
+  c = toy_config.get_config(data_dir)
   c.thresholds.tune = False
   c.update_from_flattened_dict(overrides)
   return c

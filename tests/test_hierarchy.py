@@ -82,12 +82,12 @@ def random_tree_matrix(num_labels, seed):
   return r
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dag500():
   return random_dag(500, seed=0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dag40():
   return random_dag(40, seed=1)
 

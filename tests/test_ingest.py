@@ -39,12 +39,12 @@ def _read_all(data_dir: str) -> dict[str, list[dict]]:
   return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def inputs(tmp_path_factory):
   return ingest_inputs.make_inputs(str(tmp_path_factory.mktemp("inputs")))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dataset(inputs, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("ds") / "wit16")
   ingest.run_ingest(out, labels=[inputs.labels], wit_tsv=[inputs.wit_tsv],

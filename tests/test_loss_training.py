@@ -1,27 +1,24 @@
-"""Every registered loss trains the model: the trainer's own jitted train step, tiny model."""
+"""Every registered loss trains a model through the trainer's own jitted train step (the task built
+from the config, as `train` builds it), on the toy model of tests/toy_model.py: the losses see only
+logits, and the EfficientNet's own training is tests/test_training.py's."""
 
 import math
-import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 from tests import datasets
+from tests import toy_config
 from wikitopics_jax import losses
 from wikitopics_jax.data import manifest as manifest_lib
 from wikitopics_jax.data import pipeline
 from wikitopics_jax import sharding
 from wikitopics_jax import steps
 from wikitopics_jax import task as task_lib
-from wikitopics_jax import trainer
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("loss_training") / "data")
   datasets.make_dataset(d, sizes={"train": 64, "val": 16}, image_size=32)
@@ -30,7 +27,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("name", losses.names())
 def test_every_loss_trains(data_dir, name):
-  config = tiny.get_config(data_dir)
+  config = toy_config.get_config(data_dir)
   config.loss = losses.config(name)
   config.batch_size = 16
   manifest = manifest_lib.read(data_dir)

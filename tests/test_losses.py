@@ -187,7 +187,7 @@ POSITIVES = np.array([500, 40, 3, 120, 900, 10])
 NUM_EXAMPLES = 1000
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def batch():
   rng = np.random.default_rng(0)
   z = rng.normal(size=(B, L)) * 2.5

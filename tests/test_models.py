@@ -224,7 +224,7 @@ def _images(batch=4, size=32, seed=0):
   return jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_gap():
   return models.create_model(_cfg(head="gap"), num_labels=5, rngs=nnx.Rngs(params=0, dropout=1))
 

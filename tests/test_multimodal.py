@@ -67,15 +67,20 @@ def _write_text_dataset(data_dir, sizes, *, image_size=32, seed=0):
       info={"generator": "tests/test_multimodal.py", "seed": seed}))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("mm") / "data")
   _write_text_dataset(d, {"train": 64, "val": 32, "test": 32})
   return d
 
 
+# One block per stage: the image tower's depth does not matter to these tests, its compile time does.
+DEPTH = 0.1
+
+
 def _config(data_dir, **text):
   c = test_training.tiny_config(data_dir, num_epochs=1)
+  c.model.depth_multiplier = DEPTH
   c.text.update_from_flattened_dict(_flatten(text))
   return c
 
@@ -92,7 +97,7 @@ def _flatten(d, prefix=""):
 
 def _tiny_image_cfg():
   cfg = models.default_model_config()
-  cfg.update(name="efficientnet_tiny", head="gap", image_size=32)
+  cfg.update(name="efficientnet_tiny", head="gap", image_size=32, depth_multiplier=DEPTH)
   return cfg
 
 
@@ -138,6 +143,12 @@ def _numpy_layer_norm(x, scale, bias, eps=1e-6):
   return (x - mean) / np.sqrt(var + eps) * scale + bias
 
 
+# One compiled forward pass per input shape: eager NNX dispatches (and compiles) every op on its own.
+@nnx.jit
+def _forward(model, images, ids, mask, has_image):
+  return model(images, text_ids=ids, text_mask=mask, has_image=has_image)
+
+
 def test_has_image_false_equals_a_dropped_image():
   text_cfg = multimodal.checked_text_config({**BAG, "modality_dropout": {"image": 0.5}})
   model = models.create_model(_tiny_image_cfg(), num_labels=5, rngs=nnx.Rngs(params=0, dropout=1),
@@ -150,8 +161,8 @@ def test_has_image_false_equals_a_dropped_image():
       ["word1 about", None, "page 3", "word7"])
   images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
   no_image = np.zeros(4, bool)
-  logits = np.asarray(model(images, text_ids=ids, text_mask=mask, has_image=no_image))
-  other = np.asarray(model(images * 3 + 1, text_ids=ids, text_mask=mask, has_image=no_image))
+  logits = np.asarray(_forward(model, images, ids, mask, no_image))
+  other = np.asarray(_forward(model, images * 3 + 1, ids, mask, no_image))
   np.testing.assert_array_equal(logits, other)  # the pixels no longer matter
   # NumPy reference: LateFusion of the missing image vector and the (LayerNorm-ed) text feature.
   table = np.asarray(model.text.embed.embedding[...])
@@ -166,7 +177,7 @@ def test_has_image_false_equals_a_dropped_image():
   hidden = np.maximum(joint @ np.asarray(head.hidden.kernel[...]) + np.asarray(head.hidden.bias[...]), 0)
   expected = hidden @ np.asarray(head.readout.kernel[...]) + np.asarray(head.readout.bias[...])
   np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
-  with_image = np.asarray(model(images, text_ids=ids, text_mask=mask))
+  with_image = np.asarray(_forward(model, images, ids, mask, np.ones(4, bool)))
   assert np.abs(with_image - logits).max() > 1e-4
 
 
@@ -179,10 +190,10 @@ def test_label_query_without_image_ignores_the_pixels():
   ids, mask = multimodal.text_tokenizer(ml_collections.ConfigDict({"text": BAG}))(["word1", "page 2"])
   images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
   off = np.zeros(2, bool)
-  a = np.asarray(model(images, text_ids=ids, text_mask=mask, has_image=off))
-  b = np.asarray(model(-images, text_ids=ids, text_mask=mask, has_image=off))
+  a = np.asarray(_forward(model, images, ids, mask, off))
+  b = np.asarray(_forward(model, -images, ids, mask, off))
   np.testing.assert_array_equal(a, b)
-  c = np.asarray(model(-images, text_ids=ids, text_mask=mask))
+  c = np.asarray(_forward(model, -images, ids, mask, np.ones(2, bool)))
   assert np.abs(a - c).max() > 1e-5
 
 
@@ -210,7 +221,7 @@ def test_multimodal_train_step_on_8_devices_reduces_the_loss(data_dir):
   assert losses[-1] < losses[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def workdir(tmp_path_factory, data_dir):
   w = str(tmp_path_factory.mktemp("mm_run") / "run")
   config = _config(data_dir, **BAG)

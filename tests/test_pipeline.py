@@ -10,7 +10,7 @@ from wikitopics_jax import sharding
 from wikitopics_jax.errors import InputError
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("pipeline") / "data")
   datasets.make_dataset(d, sizes={"train": 96, "val": 37}, image_size=16, shards=3)

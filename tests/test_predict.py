@@ -19,12 +19,12 @@ from wikitopics_jax.data import records
 from wikitopics_jax.errors import InputError
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run(tmp_path_factory):
   return trained_runs.tiny_run(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def folder_and_split(run, tmp_path_factory):
   """A folder of PNG and JPEG files (plus a corrupt one), and a dataset split of the same files."""
   _, data_dir = run

@@ -10,13 +10,13 @@ import time
 import pytest
 
 from tests import datasets
-from tests.test_resilience import REPO, _cli, _env, _losses
+from tests.test_resilience import CONFIG, _cli, _env, _losses
 from wikitopics_jax import checkpointing
 
 NUM_STEPS = 12
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("preemption") / "data")
   datasets.make_dataset(d, sizes={"train": 128, "val": 32, "test": 32}, image_size=32)
@@ -29,7 +29,7 @@ def _start(workdir, data_dir, cache_dir):
     port = s.getsockname()[1]
   # One evaluation and checkpoint, at the end: the steps themselves are what this test is about.
   return [subprocess.Popen(
-      _cli(["train", f"--config={REPO}/configs/tiny.py:{data_dir}", f"--workdir={workdir}",
+      _cli(["train", f"--config={CONFIG}:{data_dir}", f"--workdir={workdir}",
             f"--config.num_train_steps={NUM_STEPS}", f"--config.eval_every_steps={NUM_STEPS}",
             "--config.thresholds.tune=False", f"--coordinator_address=127.0.0.1:{port}",
             # A cache per process and per test: the later runs skip compilation, and the two

@@ -116,7 +116,7 @@ def test_reader_rejects_non_checkpoints(tmp_path):
 # Strict conversion, on a synthetic state_dict in the port's layout (efficientnet_tiny also has
 # squeeze-excitation, so every rule is exercised).
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_classifier():
   cfg = models.default_model_config()
   cfg.name, cfg.head = "efficientnet_tiny", "imagenet"
@@ -240,7 +240,7 @@ def test_conversion_is_cached_atomically_by_version_and_hash(monkeypatch, tmp_pa
 # ---------------------------------------------------------------------------------------------
 # config.init and config.trainable_layers through task.build.
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("pretrained") / "data")
   datasets.make_dataset(d, sizes={"train": 32, "val": 16}, image_size=32)

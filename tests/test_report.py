@@ -18,7 +18,7 @@ from sklearn import metrics as skm
 STEPS = [4, 8, 12]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run(tmp_path_factory):
   return trained_runs.tiny_run(tmp_path_factory)
 

@@ -16,30 +16,33 @@ import jax
 import numpy as np
 import pytest
 
+import tests
 from tests import datasets
+from tests import toy_config
 from wikitopics_jax import checkpointing
 from wikitopics_jax import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
+# The CLI runs take the same config: tests/toy_config.py (the toy model; efficientnet_tiny with
+# WIKITOPICS_SLOW_TESTS=1).
+CONFIG = os.path.join(REPO, "tests", "toy_config.py")
 
 
 def tiny_config(data_dir, **overrides):
-  c = tiny.get_config(data_dir)
+  c = toy_config.get_config(data_dir)
   c.thresholds.tune = False
   c.update_from_flattened_dict(overrides)
   return c
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("resilience") / "data")
   datasets.make_dataset(d, sizes={"train": 128, "val": 32, "test": 32}, image_size=32)
   return d
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory, data_dir):
   """An uninterrupted run: 2 epochs of 4 steps, a checkpoint every step."""
   workdir = str(tmp_path_factory.mktemp("reference"))
@@ -69,7 +72,7 @@ def _cli(args, env=None):
 
 
 def _env(devices):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=tests.xla_flags(devices),
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   return env
 
@@ -95,7 +98,7 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path, data_dir):
     port = s.getsockname()[1]
   multi = str(tmp_path / "multi")
   procs = [subprocess.Popen(
-      _cli(["train", f"--config={REPO}/configs/tiny.py:{data_dir}", f"--workdir={multi}",
+      _cli(["train", f"--config={CONFIG}:{data_dir}", f"--workdir={multi}",
             "--config.num_train_steps=4", "--config.thresholds.tune=False",
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
             # Independent of what a persistent cache holds: each process compiles its own.
@@ -116,7 +119,7 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path, data_dir):
 def test_sigkill_at_a_random_step_then_restart_is_bitwise_identical(tmp_path, data_dir, reference):
   workdir = str(tmp_path / "killed")
   proc = subprocess.Popen(
-      _cli(["train", f"--config={REPO}/configs/tiny.py:{data_dir}", f"--workdir={workdir}",
+      _cli(["train", f"--config={CONFIG}:{data_dir}", f"--workdir={workdir}",
             "--config.checkpoint.every_steps=1", "--config.thresholds.tune=False"]),
       env=_env(8), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   target = random.Random(os.getpid()).randint(1, 6)
@@ -160,7 +163,7 @@ def test_sigterm_saves_at_the_stop_step_and_the_rerun_continues(tmp_path, data_d
 def test_sigterm_in_a_subprocess_exits_zero_with_a_checkpoint(tmp_path, data_dir):
   workdir = str(tmp_path / "sub")
   proc = subprocess.Popen(
-      _cli(["train", f"--config={REPO}/configs/tiny.py:{data_dir}", f"--workdir={workdir}",
+      _cli(["train", f"--config={CONFIG}:{data_dir}", f"--workdir={workdir}",
             "--config.num_epochs=50", "--config.thresholds.tune=False"]),
       env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   metrics = os.path.join(workdir, "metrics.jsonl")
@@ -229,7 +232,7 @@ def test_profile_window_writes_a_trace(tmp_path, data_dir):
 def _kill_when_checkpoint(workdir, data_dir, overrides, min_step):
   """Starts `train` in a subprocess and SIGKILLs it once a checkpoint >= min_step is on disk."""
   proc = subprocess.Popen(
-      _cli(["train", f"--config={REPO}/configs/tiny.py:{data_dir}", f"--workdir={workdir}",
+      _cli(["train", f"--config={CONFIG}:{data_dir}", f"--workdir={workdir}",
             *[f"--config.{k}={v}" for k, v in overrides.items()]]),
       env=_env(8), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -287,7 +290,7 @@ def test_a_corrupt_latest_checkpoint_is_skipped_and_training_resumes_from_the_pr
   _damage_arrays(workdir, 8)
   _damage_arrays(workdir, 7)
   proc = subprocess.run(
-      _cli(["train", f"--config={REPO}/configs/tiny.py:{data_dir}", f"--workdir={workdir}",
+      _cli(["train", f"--config={CONFIG}:{data_dir}", f"--workdir={workdir}",
             "--config.checkpoint.every_steps=1", "--config.checkpoint.keep_latest=8",
             "--config.thresholds.tune=False"]),
       env=_env(8), capture_output=True, text=True, timeout=600)

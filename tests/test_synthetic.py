@@ -39,14 +39,14 @@ def shard_bytes(data_dir: str) -> dict[str, bytes]:
   return {f: open(os.path.join(data_dir, f), "rb").read() for f in files}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def small_dir(tmp_path_factory):
   out_dir = str(tmp_path_factory.mktemp("synthetic") / "small")
   synthetic.generate(out_dir, seed=0, num_workers=2, **SMALL)
   return out_dir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def small(small_dir):
   examples = read_all(small_dir)
   ids = sorted(examples)

@@ -67,7 +67,7 @@ def test_records_without_text_or_with_legacy_text_still_read():
 CAP = 3
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def wit_text_dataset(tmp_path_factory):
   """Image A on four distinct pages (one repeated) over two WIT files, B on one page, C on none."""
   root = str(tmp_path_factory.mktemp("text_inputs"))
@@ -173,7 +173,7 @@ def _all_records(data_dir: str) -> dict[str, dict]:
   return {r["id"]: r for name in m.splits for r in _read_split(data_dir, name)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def noisy_synthetic(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("synthetic_text") / "noisy")
   synthetic.generate(out, num_workers=2, **NOISY)

@@ -11,6 +11,7 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from tests import datasets
+from tests import toy_config
 from wikitopics_jax import checkpointing
 from wikitopics_jax.eval import evaluate_job
 from wikitopics_jax import trainer
@@ -26,7 +27,7 @@ def tiny_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
   return c
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("train") / "data")
   datasets.make_dataset(d, sizes={"train": 128, "val": 32, "threshold": 32, "test": 48}, image_size=32)
@@ -87,11 +88,17 @@ def test_metrics_in_results_match_sklearn(tmp_path, data_dir):
 
 
 def test_taxonomy_mismatch_and_bad_batch_are_clear_errors(tmp_path, data_dir):
+  # The checks are the trainer's, whatever the model: the toy model compiles in seconds.
+  def toy(data, **overrides):
+    c = toy_config.get_config(data)
+    c.update_from_flattened_dict(overrides)
+    return c
+
   workdir = str(tmp_path / "run")
-  trainer.train_and_evaluate(tiny_config(data_dir, num_epochs=1), workdir)
+  trainer.train_and_evaluate(toy(data_dir, num_epochs=1), workdir)
   other = str(tmp_path / "v14")
   datasets.make_dataset(other, sizes={"train": 64, "val": 32, "test": 32}, taxonomy="v1.4")
   with pytest.raises(InputError, match="checkpoint taxonomy 'v1.3' has labels"):
-    trainer.train_and_evaluate(tiny_config(other, num_epochs=2), workdir)
+    trainer.train_and_evaluate(toy(other, num_epochs=2), workdir)
   with pytest.raises(InputError, match="config.batch_size=36 is not divisible by the 8 devices"):
-    trainer.train_and_evaluate(tiny_config(data_dir, batch_size=36), str(tmp_path / "x"))
+    trainer.train_and_evaluate(toy(data_dir, batch_size=36), str(tmp_path / "x"))

@@ -34,6 +34,7 @@ from wikitopics_jax import steps as steps_lib
 from wikitopics_jax.data import synthetic
 from wikitopics_jax import task as task_lib
 from wikitopics_jax import trainer
+from wikitopics_jax.bench import model_suites
 from wikitopics_jax.bench import runner
 
 SUITE = "loop"
@@ -41,9 +42,11 @@ _SKIPPED_WINDOWS = 2
 
 
 def _config(data_dir: str, *, model: str, batch_size: int, steps: int, log_every: int,
-            image_size: int, dtype: str = "float32") -> ml_collections.ConfigDict:
+            image_size: int, dtype: str = "float32",
+            depth_multiplier: float | None = None) -> ml_collections.ConfigDict:
   c = configlib.base_config()
   c.model.dtype = dtype
+  c.model.depth_multiplier = depth_multiplier
   c.data.dir = data_dir
   c.data.generate_synthetic = False
   c.data.augment = "naive"
@@ -128,7 +131,8 @@ def _measure(ctx: runner.Context, tmp: str, data_dir: str, name: str, *, model: 
              bare_repeats: int, dtype: str) -> runner.Row:
   steps = log_every * (windows + _SKIPPED_WINDOWS)
   config = _config(data_dir, model=model, batch_size=batch_size, steps=steps, log_every=log_every,
-                   image_size=image_size, dtype=dtype)
+                   image_size=image_size, dtype=dtype,
+                   depth_multiplier=model_suites.TINY_DEPTH if ctx.tiny else None)
   bare = _BareStep(config, log_every, trivial)
   bare.run()  # compilation
   samples = []

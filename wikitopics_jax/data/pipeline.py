@@ -179,6 +179,9 @@ def _round_keys(seed: int, rounds: int) -> tuple[int, ...]:
   return tuple(out)
 
 
+_CIPHER_TABLE_LIMIT = 1 << 20  # entries (8 MB)
+
+
 def index_shuffle(index: np.ndarray, max_index: int, seed: int, rounds: int = 4) -> np.ndarray:
   """Grain's `index_shuffle` (a Simon block cipher with cycle walking, the permutation behind
   `MapDataset.shuffle`), vectorised: the C++ one costs several microseconds a call from Python,
@@ -197,16 +200,25 @@ def index_shuffle(index: np.ndarray, max_index: int, seed: int, rounds: int = 4)
   def f(x):
     return (rotl(x, 1) & rotl(x, 8)) ^ rotl(x, 2)
 
-  todo = np.arange(len(out))
-  while len(todo):
-    value = out[todo]
+  def encrypt(value):
     left, right = (value >> w) & mask, value & mask
     for i in range(0, rounds, 2):
       left ^= f(right) ^ keys[i]
       right ^= f(left) ^ keys[i + 1]
-    value = (left << w) | right
+    return (left << w) | right
+
+  domain = 1 << (2 * half)
+  # Values past max_index walk on through the cipher until they land in range: about
+  # domain / (max_index + 1) steps each. For a small split in a large domain (the domain is at least
+  # 2**16), the walk is long, so it follows a table of the whole cipher instead of recomputing it.
+  step = encrypt
+  if domain <= _CIPHER_TABLE_LIMIT and domain > 8 * (max_index + 1):
+    table = encrypt(np.arange(domain, dtype=np.uint64))
+    step = lambda value: table[value]
+  todo = np.arange(len(out))
+  while len(todo):
+    value = step(out[todo])
     out[todo] = value
-    # Values past max_index walk on through the cipher until they land in range.
     todo = todo[value > np.uint64(max_index)]
   return out.astype(np.int64)
 

@@ -69,18 +69,21 @@ KERNELS = ("auto", "xla", "xla_cpu")
 
 
 def default_model_config() -> ml_collections.ConfigDict:
-  """Every model key with its default: the thesis model (B2, thesis head, 64x64)."""
+  """Every model key with its default: the thesis model (B2, thesis head, 64x64).
+
+  The None defaults are typed references, so that `--config.model.<key>=...` can set them."""
+  optional = lambda kind: ml_collections.FieldReference(None, kind)
   return ml_collections.ConfigDict({
       "name": "efficientnet_b2",
       "head": "thesis",
       "image_size": 64,
-      "dropout_rate": None,
-      "drop_connect_rate": None,
+      "dropout_rate": optional(float),
+      "drop_connect_rate": optional(float),
       "dtype": "float32",
       "kernels": "auto",
-      "width_multiplier": None,
-      "depth_multiplier": None,
-      "input_normalization": None,
+      "width_multiplier": optional(float),
+      "depth_multiplier": optional(float),
+      "input_normalization": optional(str),
   })
 
 
