@@ -247,7 +247,8 @@ _TOP_MODULES = {("stem", "conv"): "_conv_stem", ("stem", "bn"): "_bn0",
 
 
 def _conv_to_hwio(w: np.ndarray) -> np.ndarray:
-  # OIHW -> HWIO; a depthwise (C, 1, k, k) becomes (k, k, 1, C), our DepthwiseConv layout.
+  # OIHW -> HWIO; a depthwise (C, 1, k, k) becomes (k, k, 1, C), the layout of a depthwise
+  # nnx.Conv (feature_group_count=C).
   return w.transpose(2, 3, 1, 0) if w.ndim == 4 else w
 
 
