@@ -1,5 +1,5 @@
 """Test set-up: 8 fake CPU devices (so sharding code runs here), fast-compile XLA flags and a
-persistent XLA cache; the tests of one file, or of one shared expensive run, on one xdist worker."""
+persistent XLA cache; the tests of one file on one xdist worker, longest files first."""
 
 import os
 
@@ -44,4 +44,3 @@ def pytest_collection_modifyitems(config, items):
   del config
   rank = {name: i for i, name in enumerate(_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(_FIRST)))
-

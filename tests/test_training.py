@@ -1,5 +1,6 @@
 """End-to-end training on a tiny dataset and a tiny model, on 8 fake CPU devices."""
 
+import functools
 import json
 import os
 import sys
@@ -21,8 +22,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def tiny_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
-  c = tiny.get_config(data_dir)
+def tiny_config(data_dir: str, *, config_file=tiny, **overrides) -> ml_collections.ConfigDict:
+  c = config_file.get_config(data_dir)
   c.update_from_flattened_dict(overrides)
   return c
 
@@ -89,11 +90,7 @@ def test_metrics_in_results_match_sklearn(tmp_path, data_dir):
 
 def test_taxonomy_mismatch_and_bad_batch_are_clear_errors(tmp_path, data_dir):
   # The checks are the trainer's, whatever the model: the toy model compiles in seconds.
-  def toy(data, **overrides):
-    c = toy_config.get_config(data)
-    c.update_from_flattened_dict(overrides)
-    return c
-
+  toy = functools.partial(tiny_config, config_file=toy_config)
   workdir = str(tmp_path / "run")
   trainer.train_and_evaluate(toy(data_dir, num_epochs=1), workdir)
   other = str(tmp_path / "v14")

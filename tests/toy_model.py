@@ -52,7 +52,8 @@ class ToyConvNet(nnx.Module):
 
 @models.MODELS.register(NAME)
 def _build(cfg, *, num_labels: int, rngs: nnx.Rngs) -> ToyConvNet:
-  return ToyConvNet(num_labels=num_labels, dropout_rate=cfg.dropout_rate or 0.2, rngs=rngs)
+  return ToyConvNet(num_labels=num_labels, dropout_rate=0.2 if cfg.dropout_rate is None else cfg.dropout_rate,
+                    rngs=rngs)
 
 
 def training_model() -> str:
