@@ -3,7 +3,7 @@
 Resume, preemption, device-count invariance and the losses are properties of the trainer, the
 checkpoints and the input pipeline, not of the EfficientNet; this model has every kind of state
 they carry (Params, BatchNorm statistics, a dropout RNG stream) and compiles in seconds, where
-efficientnet_tiny takes about 30 s per program. `WIKITOPICS_SLOW_TESTS=1` runs those tests on
+efficientnet_tiny takes tens of seconds per program. `WIKITOPICS_SLOW_TESTS=1` runs those tests on
 efficientnet_tiny instead (`training_model()`). It is also the proof that a model family plugs in
 through the registry and `set_trainable_layers` alone, with no edit to task.py.
 
