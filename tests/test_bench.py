@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import math
@@ -72,6 +73,27 @@ def test_rows_are_consistent(tiny_run):
     expected = ours / theirs if row["higher_is_better"] else theirs / ours
     assert row["speedup"] == pytest.approx(expected), row
     assert row["higher_is_better"] == (row["unit"] in runner.RATE_UNITS)
+
+
+def test_paired_rows_give_the_range_of_per_round_speedups(tiny_run):
+  rate = runner.Row("s", "m", "ours", "images/s", runner.Stats.of([10.0, 20.0, 30.0]),
+                    baseline="b", baseline_stats=runner.Stats.of([5.0, 5.0, 10.0]), paired=True)
+  assert rate.speedup == pytest.approx(4.0)  # 20 / 5: the medians' ratio.
+  assert rate.speedup_range == pytest.approx((2.0, 4.0))  # Rounds: 10/5, 20/5, 30/10.
+  time_row = runner.Row("s", "m", "ours", "s", runner.Stats.of([2.0, 1.0]), baseline="b",
+                        baseline_stats=runner.Stats.of([4.0, 4.0]), paired=True)
+  assert time_row.speedup_range == pytest.approx((2.0, 4.0))
+  assert dataclasses.replace(rate, paired=False).speedup_range is None
+  with pytest.raises(ValueError, match="paired row 'm': 3 samples of ours, 2 of the baseline"):
+    _ = dataclasses.replace(rate, baseline_stats=runner.Stats.of([1.0, 2.0])).speedup_range
+  report = tiny_run[0]
+  paired = [row for row in report["rows"] if row["paired"]]
+  assert {row["suite"] for row in paired} >= {"train_step", "inference", "pipeline"}
+  table = runner.markdown_table(report)
+  for row in paired:
+    low, high = row["speedup_range"]
+    assert 0 < low <= high, row
+    assert f"{row['speedup']:.2f}x ({low:.2f}–{high:.2f})" in table, row
 
 
 def test_model_suites_measure_the_depthwise_trick_and_flops(tiny_run):

@@ -177,6 +177,18 @@ def test_default_config_has_every_key():
                              "depth_multiplier", "input_normalization"}
 
 
+def test_saved_configs_with_the_earlier_kernel_keys_map_to_kernels():
+  today = {"name": "efficientnet_b0", "kernels": "xla"}
+  assert models.upgrade_saved_config(today) == today
+  for depthwise_impl, batch_norm_impl, kernels in (
+      ("shifted", "fused", "xla_cpu"), ("native", "nnx", "xla"), ("auto", "auto", "auto"),
+      ("shifted", "nnx", "auto"), ("native", None, "auto")):
+    saved = {"name": "efficientnet_b0", "depthwise_impl": depthwise_impl}
+    if batch_norm_impl:
+      saved["batch_norm_impl"] = batch_norm_impl
+    assert models.upgrade_saved_config(saved) == {"name": "efficientnet_b0", "kernels": kernels}
+
+
 def test_unknown_model_name_lists_valid_names():
   with pytest.raises(InputError, match="efficientnet_b7.*efficientnet_lite4"):
     models.create_model(_cfg("efficientnet_b8"), num_labels=3, rngs=nnx.Rngs(0))

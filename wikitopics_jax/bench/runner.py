@@ -43,7 +43,8 @@ TIME_UNITS = {"s": 1.0, "ms": 1e3}
 TABLE_HEADER = (
     "Figures are medians of the repeated timed runs (warm-up excluded), ± half the range as % of "
     "the median. Speedup = ours/baseline for rates, baseline/ours for times: **> 1 means ours is "
-    "faster**.")
+    "faster**. In brackets: the lowest and highest speedup within one round, where ours and the "
+    "baseline ran in alternating rounds.")
 
 
 @dataclasses.dataclass
@@ -98,6 +99,9 @@ class Row:
   baseline_stats: Stats | None = None
   note: str = ""
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # True when sample i of ours and of the baseline come from round i of one `measure_alternating`
+  # call: both saw the same load, so the per-round speedups bound the speedup's noise.
+  paired: bool = False
 
   def __post_init__(self):
     if self.unit not in RATE_UNITS and self.unit not in TIME_UNITS:
@@ -114,13 +118,26 @@ class Row:
     ours, theirs = self.ours_stats.median, self.baseline_stats.median
     return ours / theirs if self.higher_is_better else theirs / ours
 
+  @property
+  def speedup_range(self) -> tuple[float, float] | None:
+    """(lowest, highest) per-round speedup of a paired row; None otherwise."""
+    if not self.paired or self.baseline_stats is None:
+      return None
+    ours, theirs = self.ours_stats.samples, self.baseline_stats.samples
+    if len(ours) != len(theirs):
+      raise ValueError(f"paired row {self.measured!r}: {len(ours)} samples of ours, "
+                       f"{len(theirs)} of the baseline")
+    ratios = [o / t if self.higher_is_better else t / o for o, t in zip(ours, theirs)]
+    return min(ratios), max(ratios)
+
   def to_json(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
     for key in ("ours_stats", "baseline_stats"):
       stats = getattr(self, key)
       if stats is not None:
         out[key]["spread_percent"] = stats.spread_percent
-    out.update(higher_is_better=self.higher_is_better, speedup=self.speedup)
+    out.update(higher_is_better=self.higher_is_better, speedup=self.speedup,
+               speedup_range=self.speedup_range)
     return out
 
 
@@ -387,6 +404,8 @@ def markdown_table(report: dict[str, Any]) -> str:
   ]
   for row in report["rows"]:
     speedup = "—" if row["speedup"] is None else f"{row['speedup']:.2f}x"
+    if row.get("speedup_range"):
+      speedup += " ({:.2f}–{:.2f})".format(*row["speedup_range"])
     repeats = str(row["ours_stats"]["repeats"])
     baseline_repeats = (row["baseline_stats"] or {}).get("repeats")
     if baseline_repeats not in (None, row["ours_stats"]["repeats"]):

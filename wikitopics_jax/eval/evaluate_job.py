@@ -43,6 +43,7 @@ import numpy as np
 
 from wikitopics_jax import checkpointing
 from wikitopics_jax import losses
+from wikitopics_jax import models
 from wikitopics_jax.models import multimodal
 from wikitopics_jax.eval import evaluation
 from wikitopics_jax.eval import evaluators
@@ -74,17 +75,10 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   with config.unlocked():
     # Earlier versions saved every loss's keys in one namespace (docs/losses.md).
     config.loss = losses.config(**losses.upgrade_saved_config(config.get("loss", {}), where=path))
-  model = config.get("model", {})
-  if "depthwise_impl" in model or "batch_norm_impl" in model:
-    # Before config.model.kernels: "shifted"/"fused" were the CPU kernels, "native"/"nnx" the plain
-    # layers; the results agree up to rounding either way.
-    old = (model.get("depthwise_impl", "auto"), model.get("batch_norm_impl", "auto"))
-    kernels = {("shifted", "fused"): "xla_cpu", ("native", "nnx"): "xla"}.get(old, "auto")
-    with config.model.unlocked():
-      for key in ("depthwise_impl", "batch_norm_impl"):
-        if key in config.model:
-          del config.model[key]
-      config.model.kernels = kernels
+  if "model" in config:
+    # Earlier versions chose the CPU kernels with two other keys (models.upgrade_saved_config).
+    with config.unlocked():
+      config.model = ml_collections.ConfigDict(models.upgrade_saved_config(config.model.to_dict()))
   if "evals" not in config:
     # Saved before config.evals existed: the evaluators those runs computed, on their splits.
     from wikitopics_jax import configlib  # pylint: disable=g-import-not-at-top

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +62,7 @@ from wikitopics_jax.registry import Registry
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "INPUT_NORMALIZATIONS", "MODELS", "EfficientNet", "Layer",
     "KERNELS", "count_parameters", "create_model", "default_model_config", "last_layers_filter",
-    "layer_groups", "resolve_kernels",
+    "layer_groups", "resolve_kernels", "upgrade_saved_config",
 ]
 
 MODELS = Registry("model")
@@ -173,6 +175,22 @@ def resolve_kernels(kernels: str) -> str:
   if kernels == "auto":
     return "xla_cpu" if jax.default_backend() == "cpu" else "xla"
   return kernels
+
+
+def upgrade_saved_config(model_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """A saved `config.model` (a workdir's config.json) in today's form.
+
+  Before `kernels`, runs saved `depthwise_impl` ("shifted" for the CPU kernel, "native" for the plain
+  grouped convolution) and `batch_norm_impl` ("fused" or "nnx"). Both CPU kernels map to "xla_cpu",
+  both plain layers to "xla", any other pair to "auto"; the results agree up to rounding either way.
+  A config already in today's form comes back unchanged.
+  """
+  saved = dict(model_dict)
+  if "depthwise_impl" not in saved and "batch_norm_impl" not in saved:
+    return saved
+  old = (saved.pop("depthwise_impl", "auto"), saved.pop("batch_norm_impl", "auto"))
+  saved["kernels"] = {("shifted", "fused"): "xla_cpu", ("native", "nnx"): "xla"}.get(old, "auto")
+  return saved
 
 
 def count_parameters(model: nnx.Module, wrt=nnx.Param) -> int:
