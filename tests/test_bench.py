@@ -76,16 +76,21 @@ def test_rows_are_consistent(tiny_run):
 
 
 def test_paired_rows_give_the_range_of_per_round_speedups(tiny_run):
-  rate = runner.Row("s", "m", "ours", "images/s", runner.Stats.of([10.0, 20.0, 30.0]),
-                    baseline="b", baseline_stats=runner.Stats.of([5.0, 5.0, 10.0]), paired=True)
+  rate = runner.Row("s", "m", "ours", "images/s", runner.Stats.of([10.0, 20.0, 30.0], rounds=7),
+                    baseline="b", baseline_stats=runner.Stats.of([5.0, 5.0, 10.0], rounds=7))
   assert rate.speedup == pytest.approx(4.0)  # 20 / 5: the medians' ratio.
   assert rate.speedup_range == pytest.approx((2.0, 4.0))  # Rounds: 10/5, 20/5, 30/10.
-  time_row = runner.Row("s", "m", "ours", "s", runner.Stats.of([2.0, 1.0]), baseline="b",
-                        baseline_stats=runner.Stats.of([4.0, 4.0]), paired=True)
+  time_row = runner.Row("s", "m", "ours", "s", runner.Stats.of([2.0, 1.0], rounds=8), baseline="b",
+                        baseline_stats=runner.Stats.of([4.0, 4.0], rounds=8).scaled(
+                            1.0, extrapolated=True))
   assert time_row.speedup_range == pytest.approx((2.0, 4.0))
-  assert dataclasses.replace(rate, paired=False).speedup_range is None
-  with pytest.raises(ValueError, match="paired row 'm': 3 samples of ours, 2 of the baseline"):
-    _ = dataclasses.replace(rate, baseline_stats=runner.Stats.of([1.0, 2.0])).speedup_range
+  # Timed in different calls, or outside measure_alternating: no shared rounds.
+  for other in (runner.Stats.of([5.0, 5.0, 10.0], rounds=6), runner.Stats.of([5.0, 5.0, 10.0])):
+    assert dataclasses.replace(rate, baseline_stats=other).speedup_range is None
+  calls = [runner.measure_alternating([runner.Candidate("a", lambda: None),
+                                       runner.Candidate("b", lambda: None)],
+                                      repeats=2, unit="s") for _ in range(2)]
+  assert calls[0]["a"][0].rounds == calls[0]["b"][0].rounds != calls[1]["a"][0].rounds
   report = tiny_run[0]
   paired = [row for row in report["rows"] if row["paired"]]
   assert {row["suite"] for row in paired} >= {"train_step", "inference", "pipeline"}

@@ -114,7 +114,6 @@ def _time_and_compare(measured: str, objective, z: np.ndarray, y: np.ndarray, *,
       row.note = (row.note + "; " if row.note else "") + (
           f"NumPy timed on {numpy_rows} of {z.shape[0]} examples, extrapolated linearly")
     row.baseline, row.baseline_stats = "literal NumPy, analytic backward, float32", numpy_stats
-    row.paired = True
   return row
 
 

@@ -88,7 +88,6 @@ def _compare(ctx: runner.Context, measured: str, ours_name: str, ours_fn, baseli
     row.extra["one_thread_stats"] = _stats_json(one_thread)
   if "sklearn" in stats:
     row.baseline, row.baseline_stats = baseline_name, stats["sklearn"][0]
-    row.paired = True
     if one_thread is not None:
       row.extra["one_thread_speedup"] = row.baseline_stats.median / one_thread.median
     # Labels without positives: NaN in ours, 0 (with a warning) in scikit-learn.

@@ -408,8 +408,7 @@ def _measure_setting(suite: str, setting: Setting, ctx: runner.Context,
     elif name == "nnx_batch_norm":
       row_note = "the fused BatchNorm: speedup of 'fused' over 'nnx' (batchnorm.py); " + note
     rows.append(runner.Row(suite, what, our_label, "images/s", ours_stats, baseline=labels[name],
-                           baseline_stats=baseline_stats, note=row_note, extra=dict(extra),
-                           paired=True))
+                           baseline_stats=baseline_stats, note=row_note, extra=dict(extra)))
   return rows
 
 

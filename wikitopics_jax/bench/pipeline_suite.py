@@ -184,7 +184,7 @@ def run(ctx: runner.Context) -> list[runner.Row]:
             f"Grain train_dataset{' + naive augmentation' if augmentation else ''}{option}, "
             f"worker_count={workers}", "images/s", ours_stats,
             baseline=f"bare read+decode loop, {processes} process{'es' if processes > 1 else ''}",
-            baseline_stats=bare_stats, paired=True,
+            baseline_stats=bare_stats,
             note=f"{per_core:,.0f} images/s per core: 100k images/s needs "
                  f"{100_000 / per_core:.1f} cores; baseline is the ceiling (no shuffle, "
                  "augmentation, batching or transfer); alternating rounds",

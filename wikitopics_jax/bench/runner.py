@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import importlib
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -72,15 +73,20 @@ class Stats:
   repeats: int
   samples: list[float]
   extrapolated: bool = False
+  # Set by `measure_alternating`, one value per call: sample i of every candidate of that call was
+  # timed in round i, under the same load.
+  rounds: int | None = None
 
   @classmethod
-  def of(cls, samples: Sequence[float], *, extrapolated: bool = False) -> Stats:
+  def of(cls, samples: Sequence[float], *, extrapolated: bool = False,
+         rounds: int | None = None) -> Stats:
     samples = [float(s) for s in samples]
     return cls(statistics.median(samples), min(samples), max(samples), len(samples), samples,
-               extrapolated)
+               extrapolated, rounds)
 
   def scaled(self, factor: float, *, extrapolated: bool) -> Stats:
-    return Stats.of([s * factor for s in self.samples], extrapolated=extrapolated)
+    return Stats.of([s * factor for s in self.samples], extrapolated=extrapolated,
+                    rounds=self.rounds)
 
   @property
   def spread_percent(self) -> float:
@@ -99,9 +105,6 @@ class Row:
   baseline_stats: Stats | None = None
   note: str = ""
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-  # True when sample i of ours and of the baseline come from round i of one `measure_alternating`
-  # call: both saw the same load, so the per-round speedups bound the speedup's noise.
-  paired: bool = False
 
   def __post_init__(self):
     if self.unit not in RATE_UNITS and self.unit not in TIME_UNITS:
@@ -119,14 +122,18 @@ class Row:
     return ours / theirs if self.higher_is_better else theirs / ours
 
   @property
+  def paired(self) -> bool:
+    """Whether ours and the baseline were timed in the same rounds of one `measure_alternating`."""
+    return (self.baseline_stats is not None and self.ours_stats.rounds is not None
+            and self.ours_stats.rounds == self.baseline_stats.rounds)
+
+  @property
   def speedup_range(self) -> tuple[float, float] | None:
-    """(lowest, highest) per-round speedup of a paired row; None otherwise."""
-    if not self.paired or self.baseline_stats is None:
+    """(lowest, highest) per-round speedup of a paired row: both sides saw the same load in a
+    round, so these bound the speedup's noise. None for other rows."""
+    if not self.paired:
       return None
     ours, theirs = self.ours_stats.samples, self.baseline_stats.samples
-    if len(ours) != len(theirs):
-      raise ValueError(f"paired row {self.measured!r}: {len(ours)} samples of ours, "
-                       f"{len(theirs)} of the baseline")
     ratios = [o / t if self.higher_is_better else t / o for o, t in zip(ours, theirs)]
     return min(ratios), max(ratios)
 
@@ -136,7 +143,7 @@ class Row:
       stats = getattr(self, key)
       if stats is not None:
         out[key]["spread_percent"] = stats.spread_percent
-    out.update(higher_is_better=self.higher_is_better, speedup=self.speedup,
+    out.update(higher_is_better=self.higher_is_better, speedup=self.speedup, paired=self.paired,
                speedup_range=self.speedup_range)
     return out
 
@@ -153,6 +160,9 @@ class Candidate:
   run: Callable[[], Any]
   work: float = 1.0
   warmup: Callable[[], Any] | None = None
+
+
+_CALLS = itertools.count()  # Numbers the calls of measure_alternating (Stats.rounds).
 
 
 def measure_alternating(candidates: Sequence[Candidate], *, repeats: int, warmup: int = 1,
@@ -211,7 +221,8 @@ def measure_alternating(candidates: Sequence[Candidate], *, repeats: int, warmup
     with around_timed():
       rounds(repeats, timed=True)
   by_name = {c.name: c for c in alive}
-  return {name: (Stats.of([to_unit(s, by_name[name].work, unit) for s in secs]),
+  call = next(_CALLS)
+  return {name: (Stats.of([to_unit(s, by_name[name].work, unit) for s in secs], rounds=call),
                  first_call.get(name, float("nan")))
           for name, secs in seconds.items()}
 
